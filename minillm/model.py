@@ -1,0 +1,146 @@
+"""A Llama-family decoder-only transformer (Llama 2/3, Mistral, Qwen2, Qwen3).
+
+    x = embed_tokens(ids)
+    for each layer:  x = x + attn(norm(x));  x = x + mlp(norm(x))      (pre-norm residual)
+    logits = lm_head(norm(x))
+
+Module names equal the tensor names of Hugging Face checkpoints
+(`model.layers.3.self_attn.q_proj.weight`...), so loading a checkpoint is a plain copy.
+The forward pass is the obviously-correct one: every call recomputes attention over all
+the tokens it is given. Later modules (KV cache, paged attention, the engine) are tested
+against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.layers.attention import ATTENTION_BACKENDS, Attention
+from minillm.layers.mlp import SwiGLUMLP
+from minillm.layers.norm import RMSNorm
+from minillm.layers.rotary import rope_cos_sin, rope_inv_freq
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, the stack of layers and the final norm: ids (B, T) -> hidden (B, T, C)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The decoder with its language-model head: token ids (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.attn_backend = attn_backend
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}"
+            )
+        self._attn_backend = name
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init as in GPT-2/Llama: N(0, std) weights, with the residual projections
+        (o_proj, down_proj) scaled by 1/sqrt(2L) so the residual stream does not grow with
+        depth; zero biases; unit norm weights."""
+        if self.model.embed_tokens.weight.is_meta:
+            return
+        residual_std = std / (2 * self.config.num_hidden_layers) ** 0.5
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Clear errors for what the embedding table or the context cannot take."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        T = input_ids.shape[1]
+        if T == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        if self.config.max_position_embeddings < T:
+            raise ValueError(
+                f"{T} tokens exceed the model's context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        check_inputs: bool = True,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). `positions` (T,) or (B, T) default 0..T-1."""
+        if check_inputs:
+            self.check_input_ids(input_ids)
+        _B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)  # (T,)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        inv_freq = rope_inv_freq(self.config, device=x.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)  # (T, D) or (B, T, D)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, self.attn_backend)
+        x = self.model.norm(x)
+        return self.lm_head(x)  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())

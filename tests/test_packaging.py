@@ -1,0 +1,71 @@
+"""Install layout: the package installs as `minillm` only; the Triton kernels folder
+installs as `minillm.kernels`, never as a top-level `kernels` (a published package of
+that name exists, and other libraries import it when they find it)."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (whl,) = out.glob("minillm-*.whl")
+    return zipfile.ZipFile(whl).namelist()
+
+
+def test_wheel_has_only_minillm_at_top_level(wheel):
+    tops = {name.split("/")[0] for name in wheel}
+    assert tops == {"minillm", next(t for t in tops if t.endswith(".dist-info"))}
+    assert "minillm/kernels/__init__.py" in wheel
+    assert not any(name.startswith("kernels/") for name in wheel)
+
+
+def test_wheel_has_every_package_and_the_bundled_models(wheel):
+    for init in (ROOT / "minillm").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in wheel, f"{init} not packaged"
+    for init in (ROOT / "kernels").rglob("__init__.py"):
+        assert "minillm/" + init.relative_to(ROOT).as_posix() in wheel
+    for name in ("minillm-tiny", "minillm-tiny-draft"):
+        for f in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert f"minillm/assets/models/{name}/{f}" in wheel
+    assert "minillm/assets/data/heldout.txt.gz" in wheel
+
+
+def test_installed_import_names(tmp_path):
+    """From a neutral folder: minillm.kernels imports, a top-level kernels does not."""
+    code = (
+        "import importlib.util, minillm.kernels;"
+        "print(importlib.util.find_spec('kernels') is None, minillm.kernels.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "minillm.kernels"]

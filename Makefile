@@ -40,7 +40,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/minillm generate --prompt "def fibonacci(n):" --max-new-tokens 96 --seed 0
+	$(BIN)/minillm generate --prompt "class Stack:" --max-new-tokens 96 --temperature 0.7 --seed 0
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -327,8 +327,16 @@ AdamW (betas 0.9/0.95, weight decay {t["weight_decay"]}), peak learning rate {t[
 {t["warmup_steps"]} warm-up steps and cosine decay, gradient clipping {t["grad_clip"]},
 batch {t["batch_size"]} x {t["seq_len"]} tokens, {t["steps"]} steps; the checkpoint with
 the best validation loss ({card["best_val_loss"]:.4f} at step {card["best_step"]}) was kept.
+bf16 autocast on CUDA, fp32 otherwise. The tokenizer is a byte-level BPE of
+{c["vocab_size"]} tokens trained on the training split by `minillm tokenizer`; `<|endoftext|>`
+(id 0) starts every document and ends generation.
 
 ![loss curve](loss.png)
+
+To reproduce: `make models` (corpus, tokenizer, then `minillm train --preset {card["name"]}
+--steps {t["steps"]} --batch-size {t["batch_size"]} --seq-len {t["seq_len"]}`). The corpus
+depends on the running Python's standard library; these weights saw Python
+{card.get("corpus_python", "3.11.7")}.
 
 ## Limits
 A few million parameters trained on ~10M tokens of code: it writes Python-looking text,

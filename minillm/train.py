@@ -274,11 +274,13 @@ def evaluate_card(
     model_dir: Path, data_dir: Path, splits: dict[str, np.ndarray], device: torch.device
 ) -> dict:
     model = load_model(model_dir, dtype=torch.float32, device=device)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
     T = model.config.max_position_embeddings
     V = model.config.vocab_size
     held = splits["heldout"]
     return {
-        "heldout_sha256": json.loads((data_dir / "manifest.json").read_text())["sha256"]["heldout"],
+        "heldout_sha256": manifest["sha256"]["heldout"],
+        "corpus_python": manifest["python"],
         "heldout_tokens": len(held),
         "eval_seq_len": T,
         "heldout_perplexity": perplexity(model, held, T),
@@ -336,7 +338,7 @@ bf16 autocast on CUDA, fp32 otherwise. The tokenizer is a byte-level BPE of
 To reproduce: `make models` (corpus, tokenizer, then `minillm train --preset {card["name"]}
 --steps {t["steps"]} --batch-size {t["batch_size"]} --seq-len {t["seq_len"]}`). The corpus
 depends on the running Python's standard library; these weights saw Python
-{card.get("corpus_python", "3.11.7")}.
+{card["corpus_python"]}.
 
 ## Limits
 A few million parameters trained on ~10M tokens of code: it writes Python-looking text,

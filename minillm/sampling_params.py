@@ -106,9 +106,8 @@ class SamplingParams:
             setattr(self, name, value)
         if self.seed is not None:
             _integer("seed", self.seed)
-        if self.max_tokens is not None:
-            if _integer("max_tokens", self.max_tokens) < 1:
-                raise ValueError(f"max_tokens must be >= 1 (or None), got {self.max_tokens}")
+        if self.max_tokens is not None and _integer("max_tokens", self.max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1 (or None), got {self.max_tokens}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")

@@ -336,7 +336,7 @@ def test_rows_are_independent_and_seeds_reproducible():
 
     # Over many steps a seeded row's stream is reproducible and differs between seeds.
     def stream(seed, others):
-        md = SamplingMetadata.from_params([SamplingParams(seed=seed)] + others, V)
+        md = SamplingMetadata.from_params([SamplingParams(seed=seed), *others], V)
         return [int(sample(logits[: 1 + len(others)], md)[0]) for _ in range(30)]
 
     assert stream(3, []) == stream(3, [c, c]) != stream(4, [])

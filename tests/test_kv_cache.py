@@ -226,3 +226,18 @@ def test_cached_decoding_on_cuda():
     cached16 = cached_logits(bf16, seq, 20, cache).float()
     err_full, err_cached = scale_error(full32, full16), scale_error(full32, cached16)
     assert err_cached <= 2 * err_full + 2**-8, (err_cached, err_full)
+
+
+def test_benchmark_smoke(tmp_path, monkeypatch):
+    """`python -m benchmarks.kv_cache --smoke` runs and writes a consistent result."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    bench = importlib.import_module("benchmarks.kv_cache")
+    data = json.loads(bench.main(["--smoke", "--out", str(tmp_path)]).read_text())
+    assert data["end_to_end"]["same_tokens"]
+    assert data["memory"]["cache_nbytes"] == data["memory"]["calculator_bytes"]
+    assert [r["seq_len"] for r in data["rows"]] == [8, 16, 32]
+    assert (tmp_path / "kv_cache_cpu_smoke.png").stat().st_size > 0

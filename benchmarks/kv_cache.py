@@ -92,7 +92,9 @@ def run(device: str, smoke: bool, out_dir: Path | None, batch_size: int = 1) -> 
     model(ids, None, cache, check_inputs=False)  # fill every position once
 
     rows = []
-    for S in lengths:
+    # Longest first: crop(S) can only shorten the cache, so each length starts from a cache
+    # holding at least S positions, and every timed step appends position S to exactly S.
+    for S in sorted(lengths, reverse=True):
         no_cache = time_fn(
             lambda S=S: model(ids[:, :S], check_inputs=False), 2, s["repeat"], device
         )
@@ -103,6 +105,8 @@ def run(device: str, smoke: bool, out_dir: Path | None, batch_size: int = 1) -> 
             model(token, position, cache, check_inputs=False)
 
         cached = time_fn(step, 2, s["repeat"], device)
+        if cache.seq_len != S + 1:
+            raise RuntimeError(f"the cache holds {cache.seq_len} positions, expected {S + 1}")
         step_bytes = w_bytes + kv_cache_bytes(config, S + 1, batch_size, dtype)
         rows.append(
             {
@@ -121,6 +125,8 @@ def run(device: str, smoke: bool, out_dir: Path | None, batch_size: int = 1) -> 
             f"{r['cache_tokens_per_s']:9.1f} tok/s   x{r['speedup']:7.1f}   "
             f"{r['cache_step_gb_per_s']:7.1f} GB/s ({r['fraction_of_copy_bandwidth']:.1%} of copy)"
         )
+
+    rows.sort(key=lambda r: r["seq_len"])
 
     # End to end: the same greedy tokens from the reference loop and the cached loop.
     prompt = ids[0, :16].tolist()

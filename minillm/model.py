@@ -170,7 +170,8 @@ class CausalLM(nn.Module):
         if positions.shape[-1] != T or not bool((positions == expected).all()):
             raise ValueError(
                 f"with a KV cache holding {past} positions the next {T} tokens are positions "
-                f"{past}..{past + T - 1}, got positions {positions.tolist()}"
+                f"{past}..{past + T - 1}, got positions {positions.flatten()[:8].tolist()}"
+                + ("..." if positions.numel() > 8 else "")
             )
 
     def num_parameters(self) -> int:

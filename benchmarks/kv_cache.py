@@ -78,6 +78,8 @@ def run(device: str, smoke: bool, out_dir: Path | None, batch_size: int = 1) -> 
             torch.cuda.synchronize()
 
     sync()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # no cached free block to serve (and round) the allocation
     allocated_before = torch.cuda.memory_allocated() if device == "cuda" else None
     cache = StaticKVCache(config, batch_size, S_max, dtype, device)
     sync()

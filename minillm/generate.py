@@ -131,8 +131,10 @@ def generate_cached(
         raise ValueError("stop strings need a tokenizer: pass tokenizer=...")
     ids = _prompt_tensor(model, prompt_ids)
     P, n, context = ids.numel(), params.n, model.config.max_position_embeddings
+    if ids.numel() >= context:
+        raise ValueError(f"the prompt has {P} tokens: no room left in the context of {context}")
     max_tokens = context - P if params.max_tokens is None else params.max_tokens
-    if max_tokens < 1 or P + max_tokens > context:
+    if P + max_tokens > context:
         raise ValueError(
             f"the prompt ({P} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
             f"context of {context} tokens; lower max_tokens to at most {context - P}"

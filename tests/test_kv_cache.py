@@ -237,7 +237,7 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     bench = importlib.import_module("benchmarks.kv_cache")
     data = json.loads(bench.main(["--smoke", "--out", str(tmp_path)]).read_text())
-    assert data["end_to_end"]["same_tokens"]
+    assert data["end_to_end"]["matching_prefix_tokens"] == data["end_to_end"]["new_tokens"]
     assert data["memory"]["cache_nbytes"] == data["memory"]["calculator_bytes"]
     assert [r["seq_len"] for r in data["rows"]] == [8, 16, 32]
     assert (tmp_path / "kv_cache_cpu_smoke.png").stat().st_size > 0

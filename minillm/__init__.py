@@ -13,9 +13,10 @@ Shape legend used in every comment of the package:
 
 from minillm.bundled import BUNDLED_MODELS, bundled_model_path
 from minillm.config import ModelConfig
-from minillm.generate import generate, generate_stream
+from minillm.generate import CompletionOutput, generate, generate_cached, generate_stream
 from minillm.loading import CheckpointError, load_config, load_model, save_model
 from minillm.model import CausalLM
+from minillm.sampling_params import SamplingParams
 from minillm.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -24,11 +25,14 @@ __all__ = [
     "BUNDLED_MODELS",
     "CausalLM",
     "CheckpointError",
+    "CompletionOutput",
     "ModelConfig",
+    "SamplingParams",
     "Tokenizer",
     "__version__",
     "bundled_model_path",
     "generate",
+    "generate_cached",
     "generate_stream",
     "load_config",
     "load_model",

@@ -7,11 +7,15 @@
 Module names equal the tensor names of Hugging Face checkpoints
 (`model.layers.3.self_attn.q_proj.weight`...), so loading a checkpoint is a plain copy.
 The forward pass is the obviously-correct one: every call recomputes attention over all
-the tokens it is given. Later modules (KV cache, paged attention, the engine) are tested
-against it.
+the tokens it is given. Given a KV cache (`minillm.cache`), the same forward continues a
+cached sequence instead: `model(input_ids, positions, cache)` appends the new tokens' keys
+and values to the cache and attends over all of them, which is one decode step when T = 1.
+Both paths give the same logits (tested token for token).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +25,9 @@ from minillm.layers.attention import ATTENTION_BACKENDS, Attention
 from minillm.layers.mlp import SwiGLUMLP
 from minillm.layers.norm import RMSNorm
 from minillm.layers.rotary import rope_cos_sin, rope_inv_freq
+
+if TYPE_CHECKING:
+    from minillm.cache import KVCache
 
 
 class DecoderLayer(nn.Module):
@@ -32,9 +39,14 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: str,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -99,8 +111,9 @@ class CausalLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def check_input_ids(self, input_ids: torch.Tensor) -> None:
-        """Clear errors for what the embedding table or the context cannot take."""
+    def check_input_ids(self, input_ids: torch.Tensor, past_len: int = 0) -> None:
+        """Clear errors for what the embedding table or the context cannot take
+        (`past_len`: tokens already in a KV cache before these)."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
@@ -110,9 +123,10 @@ class CausalLM(nn.Module):
         T = input_ids.shape[1]
         if T == 0:
             raise ValueError("input_ids is empty: give at least one token")
-        if self.config.max_position_embeddings < T:
+        if self.config.max_position_embeddings < past_len + T:
+            cached = f" (after {past_len} cached ones)" if past_len else ""
             raise ValueError(
-                f"{T} tokens exceed the model's context of "
+                f"{T} tokens{cached} exceed the model's context of "
                 f"{self.config.max_position_embeddings} tokens"
             )
         lo, hi = int(input_ids.min()), int(input_ids.max())
@@ -125,21 +139,40 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
         check_inputs: bool = True,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). `positions` (T,) or (B, T) default 0..T-1."""
+        """input_ids (B, T) -> logits (B, T, V). `positions` (T,) or (B, T) default 0..T-1.
+
+        With a `cache` holding P positions, the T tokens are positions P .. P + T - 1 (the
+        default; given positions must equal them); their keys and values join the cache."""
+        past = 0 if cache is None else cache.seq_len
         if check_inputs:
-            self.check_input_ids(input_ids)
-        _B, T = input_ids.shape
+            self.check_input_ids(input_ids, past)
+        B, T = input_ids.shape
+        if cache is not None:
+            cache.check_append(B, T)
         if positions is None:
-            positions = torch.arange(T, device=input_ids.device)  # (T,)
+            positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        elif cache is not None and check_inputs:
+            self._check_cache_positions(positions, past, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         inv_freq = rope_inv_freq(self.config, device=x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)  # (T, D) or (B, T, D)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, self.attn_backend)
+            x = layer(x, cos, sin, self.attn_backend, cache)
         x = self.model.norm(x)
         return self.lm_head(x)  # (B, T, V)
+
+    @staticmethod
+    def _check_cache_positions(positions: torch.Tensor, past: int, T: int) -> None:
+        expected = torch.arange(past, past + T, device=positions.device)
+        if positions.shape[-1] != T or not bool((positions == expected).all()):
+            raise ValueError(
+                f"with a KV cache holding {past} positions the next {T} tokens are positions "
+                f"{past}..{past + T - 1}, got positions {positions.flatten()[:8].tolist()}"
+                + ("..." if positions.numel() > 8 else "")
+            )
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied embedding counts once)."""

@@ -5,7 +5,7 @@
 H query heads share Hkv key/value heads: query head h reads kv head h // (H / Hkv).
 The mask hides future keys (causal) and, with a sliding window W, keys more than W - 1
 positions back. Queries are the last T positions of the S keys, so the same function
-serves a whole prompt (T == S) and, later, a decode step against a cache (T < S).
+serves a whole prompt (T == S) and a decode step against a KV cache (T < S; `minillm.cache`).
 
 Backends (one signature, `attention(q, k, v, window=..., backend=...)`):
   - "naive": the formula above with the (B, H, T, S) score matrix materialized; the
@@ -14,7 +14,10 @@ Backends (one signature, `attention(q, k, v, window=..., backend=...)`):
     efficient kernels where the device has them).
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,9 @@ from torch import nn
 from minillm.config import ModelConfig
 from minillm.layers.norm import RMSNorm
 from minillm.layers.rotary import apply_rotary
+
+if TYPE_CHECKING:
+    from minillm.cache import KVCache
 
 
 def causal_mask(
@@ -89,6 +95,8 @@ def sdpa_attention(
     k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)
     if window is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if window is None and T == 1:  # one query at the last position sees every key: no mask
+        return F.scaled_dot_product_attention(q, k, v)
     mask = causal_mask(T, S, window, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -113,10 +121,14 @@ def attention(
 
 
 class Attention(nn.Module):
-    """The attention block of one decoder layer: project, normalize (Qwen3), rotate, attend."""
+    """The attention block of one decoder layer: project, normalize (Qwen3), rotate, attend.
+
+    With a KV cache, the rotated keys and the values of the new tokens are appended to the
+    layer's cache, and the queries attend over every cached position."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         C, D = config.hidden_size, config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -138,6 +150,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         backend: str = "sdpa",
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
@@ -147,6 +160,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # the cached keys/values, then the new ones: (B, Hkv, S, D)
+            k, v = cache.update(self.layer_idx, k, v)
         y = attention(q, k, v, window=self.window, backend=backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)

@@ -32,14 +32,13 @@ from __future__ import annotations
 import os
 
 import torch
-
 from minillm.kernels import interpreting
 
 if not torch.cuda.is_available():  # no GPU: run kernels in Triton's CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -48,7 +47,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _key_tile_ranges(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW):
+def _key_tile_ranges(
+    m0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
     """The kernel's copy of `minillm.layers.flash.key_tile_ranges` (same names)."""
     m1 = tl.minimum(m0 + BLOCK_M, T)
     off = S - T
@@ -86,7 +88,7 @@ def _fwd_tiles(
         cols = start_n + offs_n  # key positions of this tile
         k_ptrs = K + cols[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
+        if MASKED:  # noqa: SIM108 (plain constexpr branches read best in a kernel)
             k = tl.load(k_ptrs, mask=cols[:, None] < S, other=0.0)
         else:
             k = tl.load(k_ptrs)
@@ -110,7 +112,7 @@ def _fwd_tiles(
         p = tl.math.exp2(qk)
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
+        if MASKED:  # noqa: SIM108
             v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
         else:
             v = tl.load(v_ptrs)

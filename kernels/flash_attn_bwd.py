@@ -23,10 +23,8 @@ rows load as zeros (q = dO = 0), which makes their contributions vanish without 
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
-
 from minillm.kernels import interpreting
 from minillm.kernels.flash_attn import (  # sets TRITON_INTERPRET=1 first when there is no GPU
     LOG2E,
@@ -39,7 +37,10 @@ from minillm.kernels.flash_attn import (  # sets TRITON_INTERPRET=1 first when t
 
 
 @triton.jit
-def _query_tile_ranges(n0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW):
+def _query_tile_ranges(
+    n0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
     """For key tile [n0, n0 + BLOCK_N): query tiles in [a, b) and [c, hi) need a mask
     (the diagonal; the window's far edge), tiles in [b, c) see every key of the tile."""
     off = S - T
@@ -59,7 +60,7 @@ def _query_tile_ranges(n0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW):
         full_end = n0 * 0 + T
     a = lo // BLOCK_M * BLOCK_M
     b = tl.minimum(tl.maximum(a, tl.cdiv(full_start, BLOCK_M) * BLOCK_M), hi)
-    if HAS_WINDOW:
+    if HAS_WINDOW:  # noqa: SIM108
         c = tl.minimum(tl.maximum(b, full_end // BLOCK_M * BLOCK_M), hi)
     else:
         c = hi  # rows past T load as zeros and add nothing: no mask needed at the end
@@ -191,7 +192,7 @@ def _dq_tiles(
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # (M, N)
-        if MASKED:
+        if MASKED:  # noqa: SIM102 (constexpr flags, one per level)
             if CAUSAL:  # (without causal, only the end of the keys is masked: k = 0 there)
                 ok = cols[None, :] <= q_pos[:, None]
                 if HAS_WINDOW:

@@ -11,8 +11,9 @@ head h reads kv head h // (H / Hkv), and `window` W keeps only the W most recent
 
 from __future__ import annotations
 
-import torch
+import itertools
 
+import torch
 from minillm.kernels import interpreting
 from minillm.kernels.flash_attn import DTYPES, HEAD_DIMS, flash_attn_forward
 from minillm.kernels.flash_attn_bwd import flash_attn_backward
@@ -97,7 +98,7 @@ def flash_attn_func(
             f"k {tuple(k.shape)}; packed batches go to flash_attn_varlen_func"
         )
     (B, _, T, _), (Bk, _, S, _) = q.shape, k.shape
-    if B != Bk:
+    if Bk != B:
         raise ValueError(f"q has batch {B} but k has batch {Bk}")
     if T == 0 or S == 0:
         raise ValueError(f"empty sequence: T={T}, S={S}")
@@ -135,18 +136,23 @@ def flash_attn_varlen_func(
             f"k {tuple(k.shape)}"
         )
     lens = []
-    for name, cu, n in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):  # fmt: skip
+    packed = (
+        ("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+        ("cu_seqlens_k", cu_seqlens_k, k.shape[0]),
+    )
+    for name, cu, n in packed:
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype != torch.int32:
             raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 prefix sums")
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device}, q on {q.device}")
         c = cu.tolist()
-        if len(c) < 2 or c[0] != 0 or c[-1] != n or any(x > y for x, y in zip(c, c[1:])):
+        steps = [y - x for x, y in itertools.pairwise(c)]
+        if len(c) < 2 or c[0] != 0 or c[-1] != n or min(steps) < 0:
             raise ValueError(f"{name} must rise from 0 to the {n} packed rows, got {c}")
-        lens.append([y - x for x, y in zip(c, c[1:])])
+        lens.append(steps)
     if len(lens[0]) != len(lens[1]):
         raise ValueError(f"cu_seqlens_q has {len(lens[0])} sequences, cu_seqlens_k {len(lens[1])}")
-    if causal and any(t > s for t, s in zip(*lens)):
+    if causal and any(t > s for t, s in zip(*lens, strict=True)):
         raise ValueError("a sequence has more queries than keys: queries are the last T of S")
     _check_window(causal, window)
     max_q = max(lens[0]) if max_seqlen_q is None else max_seqlen_q

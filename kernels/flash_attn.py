@@ -29,16 +29,13 @@ in `minillm.kernels.flash_attn_bwd`; `flash_attn_func` / `flash_attn_varlen_func
 
 from __future__ import annotations
 
-import os
-
 import torch
-from minillm.kernels import interpreting
-
-if not torch.cuda.is_available():  # no GPU: run kernels in Triton's CPU interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import triton
 import triton.language as tl
+from minillm.kernels import interpreting
+from minillm.kernels.interpreter import use_interpreter_without_gpu
+
+use_interpreter_without_gpu()  # no CUDA: the kernels below run in Triton's interpreter
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

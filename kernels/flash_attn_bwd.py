@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from minillm.kernels import interpreting
-from minillm.kernels.flash_attn import (  # sets TRITON_INTERPRET=1 first when there is no GPU
+from minillm.kernels.flash_attn import (  # switches the interpreter on when there is no GPU
     LOG2E,
     _key_tile_ranges,
     _seq_bounds,

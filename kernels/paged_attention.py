@@ -189,7 +189,13 @@ def paged_attention(
         raise ValueError(f"Triton kernels need CUDA tensors, got {q.device}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     G = H // Hkv
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be an int >= 1 or None, got {num_splits!r}")
     max_ctx = int(context_lens.max()) if max_context_len is None else max_context_len
+    if check_bounds and max_ctx < int(context_lens.max()):
+        raise ValueError(
+            f"max_context_len {max_ctx} < the longest context {int(context_lens.max())}"
+        )
     visible = max_ctx if window is None else min(max_ctx, window)
     if num_splits is None:
         num_splits = default_num_splits(B * Hkv, visible, q.device)

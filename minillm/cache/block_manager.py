@@ -196,7 +196,7 @@ class BlockManager:
             self.blocks[last].ref_count -= 1
             seq.block_table[-1], cow = new, (last, new)
         seq.token_ids.append(int(token_id))
-        if (n + 1) % bs == 0:  # the last block just filled up: cache it
+        if self.enable_prefix_caching and (n + 1) % bs == 0:  # the last block filled up
             i, parent = n // bs, None
             for j in range(i):  # the chain of the blocks before it
                 parent = block_hash(parent, seq.token_ids[j * bs : (j + 1) * bs])

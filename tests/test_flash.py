@@ -9,8 +9,10 @@ from minillm.layers.flash import (
     FULL,
     MASKED,
     SKIP,
+    attention_cost,
     flash_attention,
     online_softmax_merge,
+    online_softmax_steps,
     reference_attention,
     tile_plan,
 )
@@ -135,3 +137,23 @@ def test_tiled_attention_bad_input(kwargs, message):
         flash_attention(q, k, v, window, **kwargs)
     with pytest.raises(ValueError, match="cannot be grouped"):
         flash_attention(*qkv(1, 3, 2, 4, 4, 8))
+
+
+def test_online_softmax_steps_end_at_the_softmax():
+    g = torch.Generator().manual_seed(2)
+    s, v = torch.randn(23, generator=g, dtype=torch.float64) * 3, torch.randn(23, 5, generator=g)
+    steps = online_softmax_steps(s, v.double(), block_n=5)
+    assert len(steps) == 5
+    torch.testing.assert_close(steps[-1]["o"], torch.softmax(s, 0) @ v.double())
+    torch.testing.assert_close(steps[-1]["weights"], torch.softmax(s, 0))
+    assert torch.equal(steps[-1]["m"], s.max())
+    torch.testing.assert_close(steps[1]["weights"], torch.softmax(s[:10], 0))
+
+
+def test_attention_cost_counts_flops_and_bytes():
+    flops, nbytes = attention_cost(2, 8, 100, 100, 64, Hkv=2, causal=False)
+    assert flops == 4 * 2 * 8 * 100 * 100 * 64
+    assert nbytes == 2 * 2 * 64 * (2 * 8 * 100 + 2 * 2 * 100)
+    flops_c, _ = attention_cost(2, 8, 100, 100, 64, causal=True)
+    _, unfused = attention_cost(2, 8, 100, 100, 64, fused=False)
+    assert flops_c == flops / 2 and unfused > nbytes + 4 * 4 * 2 * 8 * 100 * 100 - 1

@@ -160,3 +160,51 @@ def flash_attention(
     if return_lse:
         return out, torch.cat(lses, dim=2).float()  # (B, H, T)
     return out
+
+
+def online_softmax_steps(
+    s: torch.Tensor, v: torch.Tensor, block_n: int
+) -> list[dict[str, torch.Tensor]]:
+    """The running state of one query row after each tile of `block_n` keys, for teaching.
+
+    s (S,) scores, v (S, D) values. Entry i holds m, l (running max and denominator), the
+    normalized output o = acc / l and the weights exp(s - m) / l of the keys seen so far.
+    After the last tile, o equals softmax(s) @ v."""
+    m, l = torch.tensor(float("-inf"), dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype)
+    acc = torch.zeros(v.shape[-1], dtype=s.dtype)
+    steps = []
+    for n0 in range(0, s.shape[0], block_n):
+        tile = s[n0 : n0 + block_n]
+        m_new = torch.maximum(m, tile.max())
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(tile - m_new)
+        l = alpha * l + p.sum()
+        acc = alpha * acc + p @ v[n0 : n0 + block_n]
+        m = m_new
+        seen = s[: n0 + block_n]
+        steps.append(dict(m=m, l=l, o=acc / l, weights=torch.exp(seen - m) / l))
+    return steps
+
+
+def attention_cost(
+    B: int,
+    H: int,
+    T: int,
+    S: int,
+    D: int,
+    Hkv: int | None = None,
+    causal: bool = True,
+    elem_bytes: int = 2,
+    fused: bool = True,
+) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of one attention forward, for rooflines.
+
+    FLOPs: two matmuls, 4 * B * H * T * S * D, about halved by causal masking when T == S.
+    Bytes: read Q, K, V and write O; without fusion also write the fp32 scores, read them
+    for the softmax, write the probabilities and read them for P @ V (4 passes)."""
+    Hkv = H if Hkv is None else Hkv
+    flops = 4.0 * B * H * T * S * D * (0.5 if causal and T == S else 1.0)
+    nbytes = elem_bytes * B * D * (2 * H * T + 2 * Hkv * S)
+    if not fused:
+        nbytes += 4 * 4.0 * B * H * T * S
+    return flops, nbytes

@@ -272,8 +272,8 @@ def _configs(shapes):
 
 
 BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "seq_bucket"]
-DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2)])
-DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2)])
+DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)])
+DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)])
 if interpreting():
     dkdv_kernel_tuned = dq_kernel_tuned = None
 else:

@@ -1,16 +1,14 @@
 """Paged KV: the PyTorch reference against fp64 dense attention, the Triton kernels
-(reshape_and_cache, paged decode with and without splits) against the reference, prefix-cache
-hits against cold runs (bit for bit), and the errors for bad block tables."""
+(reshape_and_cache, paged decode with and without splits) against the reference, the pool,
+and the errors for bad block tables. (Prefix-cache hits against cold runs, bit for bit:
+test_block_manager.py.)"""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from minillm.kernels.paged_attention import paged_attention
 from minillm.kernels.reshape_and_cache import reshape_and_cache
 
 from minillm import ModelConfig
-from minillm.cache.block_manager import BlockManager
 from minillm.cache.paged import (
     PagedKVCache,
     block_tables_tensor,
@@ -111,71 +109,6 @@ def test_paged_attention_kernel_equals_fp64(lens, H, Hkv, page, window, num_spli
     if dtype == torch.float32:  # the PyTorch reference itself, in fp32
         out_ref = paged_attention_ref(q, kc, vc, bt, cl, window)
         torch.testing.assert_close(out_ref.double().cpu(), ref, atol=1e-5, rtol=0)
-
-
-def kv_of(prefix, Hkv=2, D=16):
-    """The K/V of a prefix's last token: deterministic in the whole prefix, as in a model."""
-    g = torch.Generator().manual_seed(hash(tuple(prefix)) % 2**62)
-    return torch.randn(2, Hkv, D, generator=g)
-
-
-def run_prompt(bm, pool, seq, prompt):
-    """Allocate, write the K/V of the uncached tokens, return the block table."""
-    cached = bm.allocate(seq, prompt)
-    kv = torch.stack([kv_of(prompt[: t + 1]) for t in range(cached, len(prompt))])  # (N, 2, ..)
-    slots = torch.tensor(bm.slot_mapping(seq, cached), dtype=torch.int32)
-    reshape_and_cache_ref(kv[:, 0], kv[:, 1], pool.k_cache[0], pool.v_cache[0], slots)
-    return bm.block_table(seq), cached
-
-
-PREFIXES = [(), (1, 2, 3, 4, 5, 6, 7), (1, 2, 3, 4, 9, 9), (5,) * 11]
-
-
-@settings(max_examples=15, deadline=None, derandomize=True)
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(PREFIXES), st.lists(st.integers(0, 9), max_size=6), st.booleans()
-        ),
-        min_size=1,
-        max_size=6,
-    )
-)
-def test_prefix_cache_hits_give_bit_identical_attention(requests):
-    """Each request attends over a warm pool (earlier requests, live or freed, left blocks to
-    hit) and over a cold pool of its own; the outputs are equal bit for bit."""
-    warm_bm, warm = BlockManager(40, 4), PagedKVCache(1, 40, 4, 2, 16)
-    q = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
-    for i, (prefix, tail, keep) in enumerate(requests):
-        prompt = list(prefix) + tail or [0]
-        table, _ = run_prompt(warm_bm, warm, i, prompt)
-        cold_bm, cold = BlockManager(40, 4), PagedKVCache(1, 40, 4, 2, 16)
-        cold_table, cached = run_prompt(cold_bm, cold, 0, prompt)
-        assert cached == 0
-        lens = torch.tensor([len(prompt)])
-        out_warm = paged_attention_ref(q, *warm.layer(0), block_tables_tensor([table]), lens)
-        out_cold = paged_attention_ref(q, *cold.layer(0), block_tables_tensor([cold_table]), lens)
-        assert torch.equal(out_warm, out_cold)
-        if not keep:
-            warm_bm.free(i)
-
-
-def test_prefix_cache_hits_are_bit_identical_through_the_kernel():
-    bm, pool = BlockManager(16, 4), PagedKVCache(1, 16, 4, 2, 16)
-    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
-    run_prompt(bm, pool, "a", prompt)
-    table, cached = run_prompt(bm, pool, "b", prompt)
-    assert cached == 8
-    cold_bm, cold = BlockManager(16, 4), PagedKVCache(1, 16, 4, 2, 16)
-    cold_table, _ = run_prompt(cold_bm, cold, "b", prompt)
-    q = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
-    lens = torch.tensor([10], dtype=torch.int32)
-    q, lens = q.to(DEVICE), lens.to(DEVICE)
-    outs = [
-        paged_attention(q, k.to(DEVICE), v.to(DEVICE), block_tables_tensor([t], DEVICE), lens)
-        for (k, v), t in ((pool.layer(0), table), (cold.layer(0), cold_table))
-    ]
-    assert torch.equal(outs[0], outs[1])
 
 
 def test_paged_pool_copy_blocks_and_size():

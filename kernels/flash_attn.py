@@ -76,6 +76,7 @@ def _fwd_tiles(
     acc, l_i, m_i, q, K, V, stride_kt, stride_vt, start, end, q_pos, S, window, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Fold the key tiles [start, end) into (acc, l_i, m_i); MASKED tiles get the masks."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -91,7 +92,7 @@ def _fwd_tiles(
             k = tl.load(k_ptrs)
         if DOT_FP32:
             k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
         if MASKED:
             ok = cols[None, :] < S
             if CAUSAL:
@@ -116,7 +117,7 @@ def _fwd_tiles(
         if DOT_FP32:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -141,7 +142,7 @@ def flash_fwd_kernel(
     num_heads, group_size, seqlen_q, seqlen_k, window, qk_scale, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest rows (most key tiles) first: better load balance
@@ -177,15 +178,15 @@ def flash_fwd_kernel(
     if HAS_WINDOW:  # tiles cut by the window's lower edge
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, K, V, stride_kt, stride_vt, a, b_, q_pos, S, window, qk_scale,
-            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32, DOT_PRECISION,
         )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(  # tiles every row sees whole: no mask
         acc, l_i, m_i, q, K, V, stride_kt, stride_vt, b_, c, q_pos, S, window, qk_scale,
-        BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, DOT_FP32,
+        BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(  # the diagonal and the end of the keys
         acc, l_i, m_i, q, K, V, stride_kt, stride_vt, c, hi, q_pos, S, window, qk_scale,
-        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32,
+        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -264,6 +265,7 @@ def flash_attn_forward(
         HAS_WINDOW=window is not None,
         IS_VARLEN=varlen,
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16,  # bf16 dot is broken there
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32
     )
     if flash_fwd_kernel_tuned is not None and block_m is None and block_n is None:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731

@@ -72,6 +72,7 @@ def _dkdv_tiles(
     dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, start, end, k_pos, T, S, window,
     qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -89,17 +90,18 @@ def _dkdv_tiles(
             q, do = q.to(tl.float32), do.to(tl.float32)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # (N, M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (N, M)
+        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
         if MASKED:
             q_pos = rows + (S - T)
             ok = k_pos[:, None] <= q_pos[None, :]
             if HAS_WINDOW:
                 ok = ok & (k_pos[:, None] > q_pos[None, :] - window)
             p_t = tl.where(ok, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))  # (N, M)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (N, M)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -113,7 +115,7 @@ def flash_bwd_dkdv_kernel(
     sm_scale, qk_scale, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -143,18 +145,21 @@ def flash_bwd_dkdv_kernel(
         DOh = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dot
         LSEh = LSE + b64 * stride_lb + h64 * stride_lh + q_start
         DELTAh = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
-        dk, dv = _dkdv_tiles(
+        dk, dv = _dkdv_tiles(  # the diagonal
             dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, a, b_, offs_n, T, S,
             window, qk_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32,
+            DOT_PRECISION,
         )  # fmt: skip
-        dk, dv = _dkdv_tiles(
+        dk, dv = _dkdv_tiles(  # query tiles that see the whole key tile: no mask
             dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, b_, c, offs_n, T, S,
             window, qk_scale, BLOCK_M, HEAD_DIM, False, CAUSAL, HAS_WINDOW, DOT_FP32,
+            DOT_PRECISION,
         )  # fmt: skip
-        if HAS_WINDOW:
+        if HAS_WINDOW:  # the window's far edge
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, c, hi, offs_n, T,
                 S, window, qk_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32,
+                DOT_PRECISION,
             )  # fmt: skip
     DK += b64 * stride_dkb + hk64 * stride_dkh + k_start * stride_dkt
     DV += b64 * stride_dvb + hk64 * stride_dvh + k_start * stride_dvt
@@ -173,6 +178,7 @@ def _dq_tiles(
     dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, start, end, q_pos, S, window, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -191,16 +197,17 @@ def _dq_tiles(
             v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :])
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # (M, N)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (M, N)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:  # noqa: SIM102 (constexpr flags, one per level)
             if CAUSAL:  # (without causal, only the end of the keys is masked: k = 0 there)
                 ok = cols[None, :] <= q_pos[:, None]
                 if HAS_WINDOW:
                     ok = ok & (cols[None, :] > q_pos[:, None] - window)
                 p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -213,7 +220,7 @@ def flash_bwd_dq_kernel(
     num_heads, group_size, seqlen_q, seqlen_k, window, sm_scale, qk_scale, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b = pid_bh // num_heads
@@ -246,15 +253,15 @@ def flash_bwd_dq_kernel(
     if HAS_WINDOW:
         dq = _dq_tiles(
             dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, a, b_, q_pos, S, window,
-            qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32,
+            qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32, DOT_PRECISION,
         )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, b_, c, q_pos, S, window,
-        qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, DOT_FP32,
+        qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, c, hi, q_pos, S, window,
-        qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32,
+        qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     DQ += b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqt
     tl.store(
@@ -318,6 +325,7 @@ def flash_attn_backward(
         HAS_WINDOW=window is not None,
         IS_VARLEN=varlen,
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *sum(strides, ()),
                  *bht_strides(dk, varlen), *bht_strides(dv, varlen), *lse_strides,

@@ -89,7 +89,7 @@ def flash_attn_func(
 ) -> torch.Tensor:
     """FlashAttention: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D), differentiable.
 
-    fp16/bf16 (fp32 runs too: tf32 tensor cores on a GPU), head_dim in 16/32/64/128.
+    fp16/bf16, or fp32 (kept in full fp32, slower), head_dim in 16/32/64/128.
     `block_m`/`block_n` pin the tile sizes (tests); by default the GPU autotunes them."""
     check_attention_inputs(q, k, v)
     if q.dim() != 4 or k.dim() != 4:

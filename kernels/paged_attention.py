@@ -46,7 +46,7 @@ def paged_decode_kernel(
     group_size, window, qk_scale, split_len, ctx_bucket,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     b, hk, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     L = tl.load(context_lens + b)
@@ -83,12 +83,13 @@ def paged_decode_kernel(
         v = tl.load(VC + row[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(ok, 0.0, -1.0e6)[None, :]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk += tl.where(ok, 0.0, -1.0e6)[None, :]
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_ij[:, None])  # (BLOCK_G, BLOCK_N)
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_ij
     has_keys = l_i > 0  # False only for an empty split
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -217,7 +218,8 @@ def paged_attention(
             1 if split else 0, G, window or 0, qk_scale, split_len, bucket)  # fmt: skip
     flags = dict(HEAD_DIM=D, PAGE_SIZE=page, BLOCK_G=max(16, triton.next_power_of_2(G)),
                  HAS_WINDOW=window is not None, SPLIT=split,
-                 DOT_FP32=interpreting() and q.dtype == torch.bfloat16)  # fmt: skip
+                 DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fmt: skip
     grid = (B, Hkv, num_splits)
     if paged_decode_kernel_tuned is not None and block_n is None:
         paged_decode_kernel_tuned[grid](*args, **flags)

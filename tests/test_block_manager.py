@@ -282,8 +282,11 @@ def test_prefix_cache_hits_are_bit_identical_through_the_kernel():
     cold_table, _ = run_prompt(cold_bm, cold, "b", prompt)
     q = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
     lens = torch.tensor([10], dtype=torch.int32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     outs = [
-        paged_attention(q, k, v, block_tables_tensor([t]), lens)
+        paged_attention(
+            q.to(dev), k.to(dev), v.to(dev), block_tables_tensor([t], dev), lens.to(dev)
+        )
         for (k, v), t in ((pool.layer(0), table), (cold.layer(0), cold_table))
     ]
     assert torch.equal(outs[0], outs[1])

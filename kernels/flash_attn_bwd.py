@@ -18,6 +18,8 @@ Pseudo-code, two kernels and no atomics:
            forward pass, the same `key_tile_ranges` plan.
 Tiles are masked only where the diagonal or the window's edge cuts through them. Padded
 rows load as zeros (q = dO = 0), which makes their contributions vanish without a mask.
+
+Tests: tests/test_flash_triton.py (against fp64 autograd). Benchmark: benchmarks/attention_flash.py.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ GQA group of query heads of its kv head, so each K/V tile is loaded once for all
     many splits (flash-decoding, for long contexts and small batches: more programs than
     sequences x kv heads keep all SMs busy): write (acc / l, lse) per split, then a second
     kernel merges the splits: O = sum_s exp(lse_s - lse) O_s with lse = logsumexp_s lse_s.
+
+Tests: tests/test_paged.py (the PyTorch reference and fp64 dense attention).
+Benchmark: `python -m benchmarks.attention_paged` (GB/s against the copy bandwidth).
 """
 
 from __future__ import annotations

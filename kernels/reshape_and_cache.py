@@ -11,6 +11,8 @@ Pseudo-code, one program per new token n:
     slot = slot_mapping[n];  if slot < 0: return      (padding token)
     k_cache.flat[slot] = key[n]                        (a row of Hkv * D elements)
     v_cache.flat[slot] = value[n]
+
+Tests: tests/test_paged.py (against `reshape_and_cache_ref`).
 """
 
 from __future__ import annotations

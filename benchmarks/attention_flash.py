@@ -113,12 +113,18 @@ def main(argv: list[str] | None = None) -> dict:
                                .requires_grad_(pass_ == "bwd") for _ in range(3))  # fmt: skip
                     flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
                     flops *= 2.5 if pass_ == "bwd" else 1.0
-                    row = dict(pass_=pass_, D=D, causal=causal, N=N, B=B, H=H, tflops={})
+                    row = dict(direction=pass_, D=D, causal=causal, N=N, B=B, H=H, tflops={})
                     for name, fn in attention_fns(causal, device).items():
                         if name == "naive" and (pass_ == "bwd" or B * H * N * N * 4 > 2**33):
                             continue  # the (B, H, N, N) fp32 scores would not be worth it
                         s = measure(fn, q, k, v, pass_ == "bwd", device, repeat)
                         row["tflops"][name] = None if s is None else flops / s / 1e12
+                    if pass_ == "fwd":  # the kernel computes what SDPA computes, at this size
+                        fns = attention_fns(causal, device)
+                        base = next(n for n in fns if n.startswith("sdpa"))
+                        with torch.no_grad():
+                            diff = fns["triton"](q, k, v).float() - fns[base](q, k, v).float()
+                        row[f"max_abs_diff_vs_{base}"] = diff.abs().max().item()
                     ours = row["tflops"]["triton"]
                     for base in ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "naive"):
                         if row["tflops"].get(base):
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rows.append(row)
                     cells = "  ".join(f"{n} {t:7.3g}" for n, t in row["tflops"].items() if t)
                     print(f"{pass_} D={D} causal={causal!s:5} N={N:6}  {cells}")
-    checks = [r for r in rows if r["pass_"] == "fwd" and r["D"] == 128 and r["N"] >= 4096]
+    checks = [r for r in rows if r["direction"] == "fwd" and r["D"] == 128 and r["N"] >= 4096]
     summary = {
         name: {
             "target": target,
@@ -148,10 +154,10 @@ def plot(rows: list[dict], peak: float):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["pass_"], r["D"], r["causal"]) for r in rows})
+    panels = sorted({(r["direction"], r["D"], r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (pass_, D, causal) in zip(axes[0], panels, strict=True):
-        sel = [r for r in rows if (r["pass_"], r["D"], r["causal"]) == (pass_, D, causal)]
+        sel = [r for r in rows if (r["direction"], r["D"], r["causal"]) == (pass_, D, causal)]
         for name in sel[0]["tflops"]:
             pts = [(r["N"], r["tflops"].get(name)) for r in sel if r["tflops"].get(name)]
             if pts:

@@ -52,7 +52,7 @@ def make_case(B, ctx, H, Hkv, D, page, dtype, device, seed=0):
 
 def measure_case(B, ctx, H, Hkv, D, page, dtype, device, repeat, copy_bw) -> dict:
     """Time the kernel (split-K and one pass) and the naive path on one shape."""
-    from minillm.kernels.paged_attention import paged_attention
+    from minillm.kernels.paged_attention import default_num_splits, paged_attention
 
     q, kc, vc, bt, cl = make_case(B, ctx, H, Hkv, D, page, dtype, device)
     elem = q.element_size()
@@ -65,7 +65,8 @@ def measure_case(B, ctx, H, Hkv, D, page, dtype, device, repeat, copy_bw) -> dic
         "naive_gather_sdpa": lambda: naive_decode(q, kc, vc, bt, cl),
     }
     ref = fns["paged_one_pass"]().float()
-    row = dict(B=B, context=ctx, kv_bytes=kv_bytes, seconds={}, gb_per_s={})
+    splits = default_num_splits(B * Hkv, ctx, q.device)
+    row = dict(B=B, context=ctx, kv_bytes=kv_bytes, num_splits=splits, seconds={}, gb_per_s={})
     for name, fn in fns.items():
         try:
             row[f"max_abs_diff_{name}"] = (fn().float() - ref).abs().max().item()

@@ -16,7 +16,7 @@ def test_flash_benchmark_smoke(tmp_path):
     assert saved["environment"]["device"] and saved["rows"] == json.loads(
         json.dumps(result["rows"])
     )
-    passes = {(r["pass_"], r["causal"]) for r in saved["rows"]}
+    passes = {(r["direction"], r["causal"]) for r in saved["rows"]}
     assert passes == {("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)}
     for row in saved["rows"]:
         assert row["tflops"]["triton"] > 0 and row["fraction_of_matmul_peak"] > 0

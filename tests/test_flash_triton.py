@@ -1,6 +1,10 @@
 """The Triton FlashAttention kernels (forward, backward, packed batches) against fp64 naive
 attention: on CPU under Triton's interpreter at small sizes, on a GPU (`gpu`) at real ones."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from minillm.kernels.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
@@ -164,6 +168,23 @@ def test_flash_bad_window_and_packing():
         flash_attn_varlen_func(q, k, v, cu_q.long(), cu_k)
     with pytest.raises(ValueError, match="more queries than keys"):
         flash_attn_varlen_func(q, k[:6], v[:6], cu_q, torch.tensor([0, 2, 6], dtype=torch.int32))
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_spills():
+    """The interpreter never compiles; this compiles each kernel for sm_90 (H100/H200) with
+    Triton's bundled NVIDIA toolchain, GPU or not, and rejects register spills."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "minillm.kernels.compile_check", "--quick"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("ok")]
+    assert len(lines) == 7, out.stdout
+    spills = [line for line in lines if "bytes spilled" in line and " 0 bytes spilled" not in line]
+    assert not spills, spills
 
 
 # ---- GPU: real sizes in bf16 ------------------------------------------------------------

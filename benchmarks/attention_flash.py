@@ -60,14 +60,18 @@ def attention_fns(causal: bool, device: str) -> dict:
 
 
 def measure(fn, q, k, v, backward: bool, device: str, repeat: int) -> float | None:
-    """Seconds per call (forward, or backward of a saved forward); None if unsupported."""
+    """Seconds per call (forward, or backward of a saved forward); None if unsupported.
+    Each timing covers 3 back-to-back calls (the GPU, not the launch, sets the pace)."""
+    inner = 3 if device == "cuda" else 1
     try:
         if not backward:
-            return time_fn(lambda: fn(q, k, v), warmup=min(2, repeat), repeat=repeat, device=device)
-        out = fn(q, k, v)
-        do = torch.randn_like(out)
-        step = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
-        return time_fn(step, warmup=min(2, repeat), repeat=repeat, device=device)
+            step = lambda: [fn(q, k, v) for _ in range(inner)]  # noqa: E731
+        else:
+            out = fn(q, k, v)
+            do = torch.randn_like(out)
+            step = lambda: [torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
+                            for _ in range(inner)]  # fmt: skip
+        return time_fn(step, warmup=min(2, repeat), repeat=repeat, device=device) / inner
     except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. a backend that cannot run
         print(f"    skipped: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
         return None

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             [1, 8, 32, 128],
             [512, 4096, 32768],
             (32, 8, 128),
-            10,
+            5,
         )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     page = 16

@@ -128,7 +128,7 @@ def flash_attn_varlen_func(
 
     Sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and the matching rows of
     k/v; its queries are the last T_b of its S_b keys. `max_seqlen_*` default to the
-    longest length (computing it reads cu_seqlens on the host)."""
+    longest length. The input checks read cu_seqlens on the host (one device sync)."""
     check_attention_inputs(q, k, v)
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(

@@ -282,9 +282,9 @@ def _configs(shapes):
 
 BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "seq_bucket"]
 # dK/dV keeps K, V and two (BLOCK_N, D) fp32 accumulators on chip: narrow query tiles keep it
-# within the register file (64-row tiles spill a little at head_dim 128 on sm_90).
-DKDV_CONFIGS = _configs([(32, 128, 8, 2), (16, 128, 8, 3), (64, 128, 8, 3)])
-DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)])
+# within the register file (64-row tiles spill at head_dim 128 on sm_90).
+DKDV_CONFIGS = _configs([(32, 128, 8, 2), (16, 128, 8, 3)])
+DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
 if interpreting():
     dkdv_kernel_tuned = dq_kernel_tuned = None
 else:

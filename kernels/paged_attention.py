@@ -131,7 +131,7 @@ def merge_splits_kernel(
 
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-    for n, w, s in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)]
+    for n, w, s in [(32, 4, 3), (64, 4, 3), (128, 4, 3)]
 ]
 DECODE_KEY = ["HEAD_DIM", "PAGE_SIZE", "BLOCK_G", "SPLIT", "HAS_WINDOW", "ctx_bucket"]
 paged_decode_kernel_tuned = (

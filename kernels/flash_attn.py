@@ -199,8 +199,8 @@ def flash_fwd_kernel(
 
 
 # On the GPU, the tile sizes and pipeline depth are tuned per head_dim, mask kind and length
-# (Hopper: 128-row query tiles over 64/128-key tiles, 8 warps, 3-4 stages of prefetch; each
-# config compiles for sm_90 without register spills at head_dim 64 and 128, see
+# (Hopper: 128-row query tiles over 64/128-key tiles, 8 warps, 3-4 stages of prefetch; the
+# configs compile for sm_90 with no or a few bytes of register spills at head_dim 128, see
 # `python -m minillm.kernels.compile_check`). Few configs: each one costs a compile.
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),

@@ -12,6 +12,9 @@ Backends (one signature, `attention(q, k, v, window=..., backend=...)`):
     reference every faster backend is tested against.
   - "sdpa": torch's fused `scaled_dot_product_attention` (FlashAttention / memory-
     efficient kernels where the device has them).
+  - "tiled": FlashAttention's tiled online softmax in plain PyTorch (`minillm.layers.flash`).
+  - "triton": minillm's Triton FlashAttention kernel (`minillm.kernels.flash_attn_interface`;
+    CUDA, or the CPU under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -101,8 +104,27 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def tiled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
+    """The same contract, tile by tile with an online softmax (`minillm.layers.flash`)."""
+    from minillm.layers.flash import flash_attention  # imported on first use
+
+    return flash_attention(q, k, v, window=window)
+
+
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
+    """The same contract through the Triton FlashAttention kernel (forward and backward)."""
+    from minillm.kernels.flash_attn_interface import flash_attn_func  # imports Triton
+
+    return flash_attn_func(q, k, v, causal=True, window=window)
+
+
 AttentionFn = Callable[..., torch.Tensor]
 ATTENTION_BACKENDS: dict[str, AttentionFn] = {"naive": naive_attention, "sdpa": sdpa_attention}
+ATTENTION_BACKENDS.update(tiled=tiled_attention, triton=triton_attention)
 
 
 def attention(

@@ -69,3 +69,18 @@ def test_installed_import_names(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "minillm.kernels"]
+
+
+def test_kernels_import_from_a_source_checkout(tmp_path):
+    """With the repository root first on sys.path (e.g. `python -m benchmarks.x` run from
+    the root), `minillm` is the plain folder, yet `minillm.kernels` still imports."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import minillm, minillm.kernels.flash_attn as f;"
+        "print(minillm.__file__.startswith(sys.argv[1]), f.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "minillm.kernels.flash_attn"]

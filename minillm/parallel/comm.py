@@ -56,7 +56,7 @@ class CommStats:
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def record(self, op: str, nbytes: float) -> None:
-        self.bytes_sent[op] += int(round(nbytes))
+        self.bytes_sent[op] += round(nbytes)
         self.calls[op] += 1
 
     @property

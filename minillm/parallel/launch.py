@@ -107,11 +107,16 @@ _CONTEXT = None
 
 
 def _context():
-    """A forkserver that has torch and minillm.parallel imported: fast, clean children."""
+    """A forkserver that has torch and minillm.parallel imported: fast, clean children.
+
+    torch._dynamo is preloaded too: the first optimizer a process builds imports it, which
+    costs seconds; paid once here instead of in every child."""
     global _CONTEXT  # a cache of the multiprocessing context, not state of any group
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "minillm.parallel"])
+        _CONTEXT.set_forkserver_preload(
+            ["torch", "torch.distributed", "torch._dynamo", "minillm.parallel"]
+        )
     return _CONTEXT
 
 
@@ -171,6 +176,7 @@ def spawn(
                     raise SpawnTimeoutError(
                         f"ranks {missing} of {world_size} did not finish within {timeout_s} s "
                         "(processes killed); a rank is stuck in a computation or a collective"
+                        + _format_errors(outcomes)
                     )
         finally:
             for p in procs:
@@ -178,8 +184,15 @@ def spawn(
                 if p.is_alive():
                     p.kill()
                     p.join()
-    errors = {r: msg for r, (status, msg) in sorted(outcomes.items()) if status == "error"}
-    if errors:
-        details = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in errors.items())
-        raise SpawnError(f"{len(errors)} of {world_size} ranks failed:\n{details}")
+    n_errors = sum(status == "error" for status, _ in outcomes.values())
+    if n_errors:
+        raise SpawnError(f"{n_errors} of {world_size} ranks failed:" + _format_errors(outcomes))
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def _format_errors(outcomes: dict[int, tuple[str, Any]]) -> str:
+    return "".join(
+        f"\n--- rank {r} ---\n{msg}"
+        for r, (status, msg) in sorted(outcomes.items())
+        if status == "error"
+    )

@@ -17,10 +17,8 @@ operators that sit at the edges of such a block:
     g = reduce_from_tensor_parallel_region: forward all-reduce, backward identity
 
 Attention is split by heads (q/k/v are column-parallel, o_proj row-parallel), the SwiGLU
-MLP by its intermediate dimension F (gate/up column, down row). The embedding is split by
-vocabulary rows (VocabParallelEmbedding: each rank looks up the ids it owns, zeros the
-others, then g), and so is the LM head; `vocab_parallel_cross_entropy` computes the loss
-from the vocabulary shards without ever gathering the (B, T, V) logits.
+MLP by its intermediate dimension F (gate/up column, down row): see `tensor_model`. The
+vocabulary-parallel embedding and loss are in `minillm.parallel.vocab`.
 """
 
 from __future__ import annotations
@@ -103,7 +101,7 @@ def gather_from_tensor_parallel_region(x, group: ProcessGroup, stats: CommStats 
     return _GatherFromRegion.apply(x, group, stats)
 
 
-def _divide(n: int, p: int, what: str) -> int:
+def divide(n: int, p: int, what: str) -> int:
     if n % p:
         raise ValueError(
             f"tensor parallelism over {p} ranks needs {what} divisible by {p}, got {n}; "
@@ -112,7 +110,7 @@ def _divide(n: int, p: int, what: str) -> int:
     return n // p
 
 
-def _mark(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
+def mark_partition(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
     """Megatron's convention: a sharded parameter says along which dimension it is split."""
     param.partition_dim = partition_dim
     return param
@@ -139,10 +137,14 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.stats, self.gather_output = group, stats, gather_output
         self.in_features, self.out_features = in_features, out_features
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.out_per_rank = _divide(out_features, self.world_size, "the output features")
+        self.out_per_rank = divide(out_features, self.world_size, "the output features")
         kw = {"device": device, "dtype": dtype}
-        self.weight = _mark(nn.Parameter(torch.empty(self.out_per_rank, in_features, **kw)), 0)
-        self.bias = _mark(nn.Parameter(torch.zeros(self.out_per_rank, **kw)), 0) if bias else None
+        self.weight = mark_partition(
+            nn.Parameter(torch.empty(self.out_per_rank, in_features, **kw)), 0
+        )
+        self.bias = (
+            mark_partition(nn.Parameter(torch.zeros(self.out_per_rank, **kw)), 0) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: ProcessGroup, **kwargs) -> ColumnParallelLinear:
@@ -201,9 +203,11 @@ class RowParallelLinear(nn.Module):
         self.group, self.stats = group, stats
         self.in_features, self.out_features = in_features, out_features
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.in_per_rank = _divide(in_features, self.world_size, "the input features")
+        self.in_per_rank = divide(in_features, self.world_size, "the input features")
         kw = {"device": device, "dtype": dtype}
-        self.weight = _mark(nn.Parameter(torch.empty(out_features, self.in_per_rank, **kw)), 1)
+        self.weight = mark_partition(
+            nn.Parameter(torch.empty(out_features, self.in_per_rank, **kw)), 1
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     @classmethod
@@ -238,97 +242,3 @@ class RowParallelLinear(nn.Module):
             f"in={self.in_features} ({self.in_per_rank} on this rank), "
             f"out={self.out_features}, bias={self.bias is not None}"
         )
-
-
-class VocabParallelEmbedding(nn.Module):
-    """An embedding table split by vocabulary rows: rank i owns ids [i V/p, (i+1) V/p).
-
-    Each rank looks up the ids it owns, writes zeros for the others, and g (all-reduce)
-    sums the p partial results: every id is found on exactly one rank."""
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        group: ProcessGroup,
-        stats: CommStats | None = None,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        self.group, self.stats = group, stats
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        per_rank = _divide(num_embeddings, self.world_size, "the vocabulary size")
-        self.vocab_start, self.vocab_end = self.rank * per_rank, (self.rank + 1) * per_rank
-        w = torch.empty(per_rank, embedding_dim, device=device, dtype=dtype)
-        self.weight = _mark(nn.Parameter(w), 0)
-
-    @classmethod
-    def from_embedding(
-        cls, emb: nn.Embedding, group: ProcessGroup, stats: CommStats | None = None
-    ) -> VocabParallelEmbedding:
-        w = emb.weight
-        layer = cls(w.shape[0], w.shape[1], group, stats, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(layer.shard(w))
-        return layer
-
-    def shard(self, full: torch.Tensor) -> torch.Tensor:
-        return full[self.vocab_start : self.vocab_end]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
-        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        partial = F.embedding(local_ids, self.weight)  # (B, T, C)
-        partial = partial.masked_fill(outside[..., None], 0.0)
-        return reduce_from_tensor_parallel_region(partial, self.group, self.stats)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, group, stats):
-        # logits (N, V/p): this rank's vocabulary columns; target (N,) global ids.
-        logits = logits.float()
-        shard = logits.shape[-1]
-        start = dist.get_rank(group) * shard
-        row_max = logits.max(dim=-1).values  # (N,)
-        comm.all_reduce(row_max, group, stats, op=dist.ReduceOp.MAX)
-        logits = logits - row_max[:, None]  # stable: the global max becomes 0
-        inside = (target >= start) & (target < start + shard)
-        local_t = (target - start).masked_fill(~inside, 0)
-        target_logit = logits.gather(1, local_t[:, None]).squeeze(1).masked_fill(~inside, 0.0)
-        exp = logits.exp()
-        sum_exp = exp.sum(dim=-1)
-        both = torch.stack([target_logit, sum_exp])  # (2, N): one all-reduce for both sums
-        comm.all_reduce(both, group, stats)
-        target_logit, sum_exp = both
-        ctx.save_for_backward(exp / sum_exp[:, None], inside, local_t)
-        return sum_exp.log() - target_logit  # (N,) = logsumexp(z) - z_target
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, inside, local_t = ctx.saved_tensors
-        grad = softmax.clone()  # d loss / d z = softmax(z) - onehot(target)
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_t] -= inside.to(grad.dtype)
-        return grad * grad_loss[:, None], None, None, None
-
-
-def vocab_parallel_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    group: ProcessGroup,
-    stats: CommStats | None = None,
-) -> torch.Tensor:
-    """Per-token cross-entropy (N,) from vocabulary-sharded logits (N, V/p), in fp32.
-
-    Equals `F.cross_entropy(full_logits, target, reduction="none")`; communicates two
-    (N,) vectors (the row max, then the target logit and the sum of exponentials)
-    instead of the (N, V) logits."""
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(
-            f"expected logits (N, V/p) and target (N,), got {tuple(logits.shape)} and "
-            f"{tuple(target.shape)}"
-        )
-    return _VocabParallelCrossEntropy.apply(logits, target, group, stats)

@@ -9,7 +9,9 @@ backward):
                down_proj  -> RowParallelLinear
 
 and the vocabulary: embed_tokens -> VocabParallelEmbedding, lm_head -> ColumnParallelLinear
-over V (tied weights stay tied: both hold the same V/p rows). Norms are replicated. The
+over V (tied weights stay tied: both hold the same V/p rows). Norms are replicated;
+Qwen3's per-head q/k norms see only this rank's heads, so their weight gradients are
+summed over ranks (HeadParallelRMSNorm). The
 attention module keeps its own forward: it reads `num_heads`/`num_kv_heads`, which become
 the per-rank counts, so a rank attends with its own heads only (GQA groups stay whole,
 since rank i holds query heads [i H/p, (i+1) H/p) and kv heads [i Hkv/p, (i+1) Hkv/p)).
@@ -28,12 +30,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minillm.layers.norm import rms_norm
 from minillm.parallel.comm import CommStats, ProcessGroup
 from minillm.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
-    VocabParallelEmbedding,
+    copy_to_tensor_parallel_region,
 )
+from minillm.parallel.vocab import VocabParallelEmbedding
+
+
+class HeadParallelRMSNorm(nn.Module):
+    """A per-head RMSNorm (Qwen3's q_norm / k_norm) on this rank's heads only.
+
+    Its weight is shared by all heads, so each rank's gradient covers only its heads; the
+    weight goes through `f` (identity forward, all-reduce backward) to sum them."""
+
+    def __init__(self, norm: nn.Module, group: ProcessGroup, stats: CommStats | None = None):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        self.group, self.stats = group, stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_parallel_region(self.weight, self.group, self.stats)
+        return rms_norm(x, weight, self.eps)
 
 
 def check_tensor_parallel(config, world_size: int) -> None:
@@ -85,6 +105,9 @@ def apply_tensor_parallel(
         attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group, stats=stats)
         attn.num_heads //= p
         attn.num_kv_heads //= p
+        if getattr(attn, "q_norm", None) is not None:
+            attn.q_norm = HeadParallelRMSNorm(attn.q_norm, group, stats)
+            attn.k_norm = HeadParallelRMSNorm(attn.k_norm, group, stats)
         mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, group, stats=stats)
         mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, group, stats=stats)
         mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, group, stats=stats)

@@ -283,7 +283,7 @@ class ZeroDataParallel(nn.Module):
             sent = [u.shard.clone() for u in units]  # the input must not alias the output
             works = [
                 comm.all_gather(u.full, t, self.group, self.stats, async_op=True)
-                for u, t in zip(units, sent)
+                for u, t in zip(units, sent, strict=True)
             ]
             for work in works:
                 comm.wait(work, "ZeRO parameter all_gather", self.group)

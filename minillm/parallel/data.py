@@ -30,8 +30,9 @@ from minillm.parallel import comm
 from minillm.parallel.comm import CommStats, ProcessGroup
 
 
-@dataclass
+@dataclass(eq=False)
 class Bucket:
+    index: int
     params: list[nn.Parameter]
     ready: int = 0
     buffer: torch.Tensor | None = None  # the flat gradients, all-reduced in place
@@ -82,10 +83,10 @@ class DataParallel(nn.Module):
             current.append(p)
             size += p.numel() * p.element_size()
             if size >= cap_bytes:
-                buckets.append(Bucket(current))
+                buckets.append(Bucket(len(buckets), current))
                 current, size = [], 0
         if current:
-            buckets.append(Bucket(current))
+            buckets.append(Bucket(len(buckets), current))
         return buckets
 
     def forward(self, *args, **kwargs):
@@ -119,7 +120,7 @@ class DataParallel(nn.Module):
         bucket.buffer = torch.cat([g.reshape(-1) for g in grads])  # (n,) flat
         bucket.work = comm.all_reduce(bucket.buffer, self.group, self.stats, async_op=True)
         bucket.launched_at_hook = self._state.hooks_fired
-        self._state.launch_order.append(self.buckets.index(bucket))
+        self._state.launch_order.append(bucket.index)
 
     def finish_gradient_sync(self) -> None:
         """Wait for every bucket and write the mean gradient into each parameter's .grad.

@@ -179,8 +179,9 @@ def spawn(
                         + _format_errors(outcomes)
                     )
         finally:
+            grace = 0.0 if time.monotonic() > deadline else 2.0  # timed out: kill at once
             for p in procs:
-                p.join(timeout=2.0)
+                p.join(timeout=grace)
                 if p.is_alive():
                     p.kill()
                     p.join()

@@ -37,7 +37,7 @@ from minillm.parallel.comm import CommStats, ProcessGroup
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-@dataclass
+@dataclass(eq=False)
 class FlatUnit:
     """Parameters stored as one flat (N * shard_size,) buffer; this rank owns one shard."""
 

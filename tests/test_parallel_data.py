@@ -44,10 +44,10 @@ def ddp_worker(group) -> dict:
     }
     # Gradient accumulation: two half-batches, the first under no_sync, equal one batch.
     acc = DataParallel(copy.deepcopy(ref), group)
-    half = [(a.chunk(2), b.chunk(2)) for a, b in [mine]][0]
+    (ids_a, ids_b), (targets_a, targets_b) = mine[0].chunk(2), mine[1].chunk(2)
     with acc.no_sync():
-        (lm_loss(acc(half[0][0]), half[1][0]) / 2).backward()
-    (lm_loss(acc(half[0][1]), half[1][1]) / 2).backward()
+        (lm_loss(acc(ids_a), targets_a) / 2).backward()
+    (lm_loss(acc(ids_b), targets_b) / 2).backward()
     out["accumulation"] = max_abs_diff(named_grads(acc.module), named_grads(ref))
     # Three AdamW steps give the single-process losses.
     ref, batches = tiny_model(), random_batches(3, 2 * p, 16, 256)

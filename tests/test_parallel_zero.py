@@ -86,7 +86,7 @@ def zero_worker(group) -> dict:
     ids, targets = random_batches(1, 2, 8, 256)[0]
     for _ in range(2):
         lm_loss(zero(ids), targets).backward()
-        if zero.optimizer.state:
+        if zero.root.optimizer.state:
             break
         zero.step()
         zero.zero_grad()

@@ -46,6 +46,7 @@ class FlatUnit:
     shard: torch.Tensor  # this rank's (shard_size,) slice (a view of `full` below stage 3)
     rank: int
     master: nn.Parameter | None = None  # fp32 optimizer copy of the shard
+    optimizer: torch.optim.Optimizer | None = None  # AdamW over `master`
     grad_shard: torch.Tensor | None = None  # mean gradient of the shard (device or host)
     ready: int = 0
     gathered: bool = True
@@ -105,19 +106,18 @@ class ZeroDataParallel(nn.Module):
         for i, m in enumerate(unit_modules):
             m.register_forward_pre_hook(lambda mod, args, i=i: self._pre_forward(i))
             m.register_forward_hook(lambda mod, args, out, i=i: self._post_forward(i, out))
-        host = torch.device("cpu")
-        masters = []
         for u in [*self.units, self.root]:
-            master_device = host if offload else u.shard.device
+            master_device = torch.device("cpu") if offload else u.shard.device
             if u.shard.dtype == torch.float32 and not offload:
                 u.master = nn.Parameter(u.shard)  # fp32 already: the shard is its own master
             else:
                 u.master = nn.Parameter(u.shard.detach().to(master_device, torch.float32))
-            masters.append(u.master)
-        fused = torch.cuda.is_available() and masters[0].is_cuda
-        self.optimizer = torch.optim.AdamW(
-            masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
-        )
+            # One AdamW per unit (Adam is elementwise: the same result as one for all), so
+            # the step needs fp32 gradient copies of one unit at a time, not of the model.
+            u.optimizer = torch.optim.AdamW(
+                [u.master], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                fused=True if u.master.is_cuda else None,
+            )  # fmt: skip
         if stage == 3:
             for u in [*self.units, self.root]:
                 self._free(u)
@@ -270,23 +270,17 @@ class ZeroDataParallel(nn.Module):
     def step(self) -> None:
         """AdamW on this rank's shard of every unit, then share the updated parameters."""
         units = [*self.units, self.root]
+        if any(u.grad_shard is None for u in units):
+            raise RuntimeError("step() needs gradients: call backward first")
         for u in units:
-            if u.grad_shard is None:
-                raise RuntimeError("step() needs gradients: call backward first")
             u.master.grad = u.grad_shard.to(u.master.device, u.master.dtype)
-        self.optimizer.step()
-        for u in units:
+            u.optimizer.step()
             u.master.grad = None
             if u.master.data_ptr() != u.shard.data_ptr():  # not aliased: copy (and cast) back
                 u.shard.copy_(u.master.detach())
-        if self.stage in (1, 2):
-            sent = [u.shard.clone() for u in units]  # the input must not alias the output
-            works = [
-                comm.all_gather(u.full, t, self.group, self.stats, async_op=True)
-                for u, t in zip(units, sent, strict=True)
-            ]
-            for work in works:
-                comm.wait(work, "ZeRO parameter all_gather", self.group)
+            if self.stage in (1, 2):  # everyone gets everyone's updated shard
+                sent = u.shard.clone()  # the input of all_gather must not alias its output
+                comm.all_gather(u.full, sent, self.group, self.stats)
 
     def zero_grad(self) -> None:
         for u in [*self.units, self.root]:

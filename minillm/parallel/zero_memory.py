@@ -98,8 +98,9 @@ def measure_model_states(zero: ZeroDataParallel) -> ModelStateBytes:
         [p.grad for u in units for p in u.params] + [u.grad_shard for u in units]
     )
     state_tensors = [u.master for u in units]
-    for state in zero.optimizer.state.values():
-        state_tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for u in units:
+        for state in u.optimizer.state.values():
+            state_tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     optim = _storage_bytes(state_tensors)
     grads = {k: v for k, v in grads.items() if k not in params}
     optim = {k: v for k, v in optim.items() if k not in params and k not in grads}

@@ -16,8 +16,10 @@ once `timeout_s` has passed.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import queue
+import sys
 import tempfile
 import time
 import traceback
@@ -76,17 +78,36 @@ def group_device(group: ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
+def _importable_name(fn: Callable[..., Any]) -> tuple[str, str]:
+    """(module, qualified name) by which a child process can import `fn`."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module == "__main__":  # `python -m pkg.mod`: the module has a real name too
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None and spec.name else None
+    if module is None or "<locals>" in qualname or "<lambda>" in qualname:
+        raise ValueError(
+            f"spawn needs an importable function; {qualname or fn!r} is defined in a notebook "
+            "cell, a script's __main__ or inside another function. Move it into a module."
+        )
+    return module, qualname
+
+
 def _worker(
     rank: int,
     world_size: int,
     init_file: str,
     collective_timeout_s: float,
-    fn: Callable[..., Any],
+    fn_name: tuple[str, str],
+    sys_path: list[str],
     args: tuple,
     results: Any,
 ) -> None:
     torch.set_num_threads(1)  # several ranks share the cores: no oversubscription
     try:
+        sys.path[:0] = [p for p in sys_path if p not in sys.path]  # the parent's imports
+        fn = importlib.import_module(fn_name[0])
+        for part in fn_name[1].split("."):
+            fn = getattr(fn, part)
         dist.init_process_group(
             "gloo",
             init_method=f"file://{init_file}",
@@ -129,17 +150,14 @@ def spawn(
 ) -> list[Any]:
     """Run `fn(group, *args)` on `world_size` gloo ranks; return `[result of rank 0, ...]`.
 
-    `fn` must be importable (defined in a module, not in a notebook cell or `__main__`)
-    and its arguments and result picklable. Raises `SpawnError` with every failing rank's
-    traceback, or `SpawnTimeoutError` after `timeout_s` seconds (all processes killed).
+    `fn` must be importable (defined in a module, not in a notebook cell) and its
+    arguments and result picklable; children see the caller's `sys.path`. Raises
+    `SpawnError` with every failing rank's traceback, or `SpawnTimeoutError` after
+    `timeout_s` seconds (all processes killed).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    if getattr(fn, "__module__", None) == "__main__" or "<locals>" in fn.__qualname__:
-        raise ValueError(
-            f"spawn needs an importable function; {fn.__qualname__} is defined in __main__ "
-            "or inside another function. Move it into a module."
-        )
+    fn_name = _importable_name(fn)
     ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="minillm-spawn-") as tmp:
@@ -147,7 +165,16 @@ def spawn(
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world_size, init_file, collective_timeout_s, fn, args, results),
+                args=(
+                    r,
+                    world_size,
+                    init_file,
+                    collective_timeout_s,
+                    fn_name,
+                    sys.path,
+                    args,
+                    results,
+                ),
                 daemon=True,
             )
             for r in range(world_size)

@@ -51,7 +51,7 @@ class FlatUnit:
     ready: int = 0
     gathered: bool = True
     gather_work: dist.Work | None = None
-    reduce_work: list = field(default_factory=list)  # (work, buffer) in flight
+    reduce_work: list = field(default_factory=list)  # (work, output, input) in flight
 
     @property
     def shard_range(self) -> tuple[int, int]:
@@ -115,9 +115,13 @@ class ZeroDataParallel(nn.Module):
             # One AdamW per unit (Adam is elementwise: the same result as one for all), so
             # the step needs fp32 gradient copies of one unit at a time, not of the model.
             u.optimizer = torch.optim.AdamW(
-                [u.master], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                [u.master],
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
                 fused=True if u.master.is_cuda else None,
-            )  # fmt: skip
+            )
         if stage == 3:
             for u in [*self.units, self.root]:
                 self._free(u)
@@ -222,13 +226,13 @@ class ZeroDataParallel(nn.Module):
             offset += p.numel()
         if self.stage <= 1:  # keep full gradients: all-reduce in place, views back into .grad
             work = comm.all_reduce(flat, self.group, self.stats, async_op=True)
-            unit.reduce_work.append((work, flat))
+            unit.reduce_work.append((work, flat, flat))
             return
         for p in unit.params:
             p.grad = None  # stage 2-3: only the shard of the gradient is kept
         out = torch.empty_like(unit.shard)
         work = comm.reduce_scatter(out, flat, self.group, self.stats, async_op=True)
-        unit.reduce_work.append((work, out))
+        unit.reduce_work.append((work, out, flat))  # `flat` stays alive until the wait
         if self.stage == 3 and unit is not self.root:
             self._free(unit)
         for other in [*self.units, self.root]:  # bound memory: finish older reductions
@@ -236,7 +240,7 @@ class ZeroDataParallel(nn.Module):
                 self._drain(other)
 
     def _drain(self, unit: FlatUnit) -> None:
-        for work, buf in unit.reduce_work:
+        for work, buf, _ in unit.reduce_work:
             comm.wait(work, "ZeRO gradient reduction", self.group)
             buf /= self.world_size
             if self.stage <= 1:

@@ -1,0 +1,43 @@
+"""The parallelism benchmarks run end to end in --smoke mode (tiny model, 2 gloo ranks).
+
+The GPU runs (NCCL, 2 GPUs) are `torchrun --standalone --nproc_per_node=2 -m
+benchmarks.tp_decode` and `... -m benchmarks.zero_memory`; these tests check the scripts,
+their numbers' bookkeeping and the result files, not the speed.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the repository, not installed
+
+from benchmarks import tp_decode, zero_memory  # noqa: E402
+
+
+@pytest.mark.dist
+def test_tp_decode_smoke(tmp_path):
+    tp_decode.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "tp_decode.json").read_text())
+    assert (tmp_path / "tp_decode.png").stat().st_size > 0
+    rows = data["rows"]
+    assert {(r["context"], r["ranks"]) for r in rows} == {(1, 1), (8, 1), (1, 2), (8, 2)}
+    for r in rows:
+        assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(1 / r["seconds"])
+        if r["ranks"] == 2:  # fp32 on CPU: the sharded model gives the same logits
+            assert r["max_logit_diff"] < 1e-4 and r["same_greedy_token"]
+            assert "speedup_vs_1_gpu" in r
+    assert data["headline"]["target"] == 1.5
+
+
+@pytest.mark.dist
+def test_zero_memory_smoke(tmp_path):
+    zero_memory.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "zero_memory.json").read_text())
+    assert (tmp_path / "zero_memory.png").stat().st_size > 0
+    assert [(r["stage"], r["offload"]) for r in data["rows"]] == zero_memory.SETUPS
+    for r in data["rows"]:  # bf16 parameters, fp32 Adam: the paper's 2 + 2 + 12
+        assert r["device_tensor_bytes_over_formula"] == pytest.approx(1.0, abs=0.10)
+    assert data["summary"]["met"]

@@ -10,13 +10,14 @@ import copy
 import pytest
 import torch
 
-from minillm.layers.attention import naive_attention
+from minillm.layers.attention import causal_mask, naive_attention
 from minillm.parallel import CommStats, spawn
 from minillm.parallel.ring import block_attention, block_mask, merge_attention_blocks
 from minillm.parallel.sequence import (
     SequenceParallelAttention,
     all_reduce_gradients,
     apply_sequence_parallel,
+    sequence_parallel_bytes,
     sequence_parallel_loss,
     shard_sequence,
 )
@@ -49,15 +50,19 @@ def test_blockwise_attention_with_online_softmax_merge_equals_full_attention(win
     B, H, Hkv, T, D, blocks = 2, 4, 2, 12, 8, 4
     q = torch.randn(B, H, T, D, dtype=torch.float64)
     k, v = (torch.randn(B, Hkv, T, D, dtype=torch.float64) for _ in range(2))
-    full = naive_attention(q, k, v, window=window)
+    kr, vr = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    scores = (q @ kr.transpose(-1, -2)) / D**0.5  # fp64 softmax attention: the oracle
+    full = scores.masked_fill(~causal_mask(T, T, window), float("-inf")).softmax(-1) @ vr
+    assert max_abs_diff(full, naive_attention(q, k, v, window=window)) < 1e-5  # fp32 inside
     pos = torch.arange(T)
     out = torch.zeros(B, H, T, D, dtype=torch.float64)
     lse = torch.full((B, H, T), float("-inf"), dtype=torch.float64)
     for kb in pos.chunk(blocks):  # key blocks in any order: the merge is commutative
         mask = block_mask(pos, kb, window)
         o_b, l_b = block_attention(q, k[:, :, kb], v[:, :, kb], mask)
-        out, lse = merge_attention_blocks(out, lse, o_b.double(), l_b.double())
-    assert max_abs_diff(out, full) < 1e-6  # block_attention computes in fp32
+        out, lse = merge_attention_blocks(out, lse, o_b, l_b)
+    assert o_b.dtype == torch.float64
+    assert max_abs_diff(out, full) < 1e-12  # fp64 throughout: exact up to rounding
     assert torch.isfinite(lse).all()
 
 
@@ -160,16 +165,20 @@ def test_training_steps_give_the_same_losses(seq, method):
 
 @pytest.mark.dist
 def test_bytes_communicated_per_method(seq):
-    """Forward, per rank and layer: ring sends N-1 key+value chunks; Ulysses four
-    all-to-alls (q, k, v, out) keeping 1/N of each chunk. fp32, B=2, T=16, Hkv=4, H=8, D=8."""
+    """Forward, per rank: what CommStats counted equals `sequence_parallel_bytes` (ring: N-1
+    key+value chunks per layer; Ulysses: four all-to-alls keeping 1/N of a chunk each)."""
     world, results = seq
-    L, B, Tc, D, H, Hkv = 4, 2, 16 // world, 8, 8, 4
-    chunk_kv = B * Hkv * Tc * D * 4  # bytes of one rank's k (or v)
+    shape = dict(seq_len=16, num_heads=8, num_kv_heads=4, head_dim=8, batch=2, dtype_bytes=4)
+    L = 4
     ring = results[0][("ring", "llama")]["forward_bytes"]
-    assert ring == {"ring_kv": L * (world - 1) * 2 * chunk_kv}
+    assert ring == {"ring_kv": L * sequence_parallel_bytes("ring", world, **shape)}
     ulysses = results[0][("ulysses", "llama")]["forward_bytes"]
-    per_layer = (world - 1) / world * (2 * B * H * Tc * D * 4 + 2 * chunk_kv)  # q, out, k, v
-    assert ulysses == {"all_to_all": round(L * per_layer)}
+    assert ulysses == {"all_to_all": round(L * sequence_parallel_bytes("ulysses", world, **shape))}
+    # by hand, for world size 2: ring sends 1 chunk of k and of v; Ulysses half of q, k, v, out
+    if world == 2:
+        chunk = 2 * 8 * 8 * 4  # B * (T/N) * D * fp32 bytes, per head
+        assert ring["ring_kv"] == L * 2 * 4 * chunk
+        assert ulysses["all_to_all"] == L * (8 + 4 + 4 + 8) * chunk // 2
 
 
 @pytest.mark.dist

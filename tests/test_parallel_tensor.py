@@ -203,3 +203,16 @@ def test_check_tensor_parallel_lists_what_does_not_divide():
     with pytest.raises(ValueError, match="num_key_value_heads=4"):
         check_tensor_parallel(tiny_config(), 8)
     check_tensor_parallel(tiny_config(), 4)  # divides everything: no error
+
+
+def test_tensor_parallel_shapes_of_llama_2_7b():
+    from minillm.config import ModelConfig
+    from minillm.parallel.tensor_model import tensor_parallel_shapes
+
+    shapes = tensor_parallel_shapes(ModelConfig.from_name("llama-2-7b"), 2)
+    assert shapes["q_proj"] == ((4096, 4096), (2048, 4096), 0)
+    assert shapes["o_proj"] == ((4096, 4096), (4096, 2048), 1)
+    assert shapes["down_proj"] == ((4096, 11008), (4096, 5504), 1)
+    assert shapes["lm_head"][1] == (16000, 4096)
+    with pytest.raises(ValueError, match="does not divide"):
+        tensor_parallel_shapes(ModelConfig.from_name("llama-2-7b"), 3)

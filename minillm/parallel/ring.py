@@ -36,11 +36,16 @@ def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = No
     return allowed
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 ones."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
-    qg = q.float().view(B, Hkv, H // Hkv, Tq, D)  # (B, Hkv, G, Tq, D): a kv head's group
-    s = torch.einsum("bkgtd,bksd->bkgts", qg, k.float()) * D**-0.5  # (B, Hkv, G, Tq, Tk)
+    qg = q.to(_acc(q)).view(B, Hkv, H // Hkv, Tq, D)  # (B, Hkv, G, Tq, D): a kv head's group
+    s = torch.einsum("bkgtd,bksd->bkgts", qg, k.to(_acc(q))) * D**-0.5  # (B, Hkv, G, Tq, Tk)
     return s.masked_fill(~mask, float("-inf"))
 
 
@@ -49,13 +54,14 @@ def block_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, H, Tq, D) on one block k/v (B, Hkv, Tk, D) under mask (Tq, Tk).
 
-    Returns the block's normalized output (B, H, Tq, D) and log-sum-exp (B, H, Tq), fp32;
+    Returns the block's normalized output (B, H, Tq, D) and log-sum-exp (B, H, Tq), in fp32
+    (fp64 for fp64 inputs);
     a query that sees no key of the block gets output 0 and lse -inf."""
     B, H, Tq, D = q.shape
     s = _scores(q, k, mask)
     lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G, Tq)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows without keys: 0, not nan
-    out = torch.einsum("bkgts,bksd->bkgtd", p, v.float())
+    out = torch.einsum("bkgts,bksd->bkgtd", p, v.to(p.dtype))
     return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq)
 
 

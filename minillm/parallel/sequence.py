@@ -116,3 +116,26 @@ def all_reduce_gradients(
     for p in model.parameters():
         if p.grad is not None:
             comm.all_reduce(p.grad, group, stats)
+
+
+def sequence_parallel_bytes(
+    method: str,
+    world_size: int,
+    seq_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+) -> float:
+    """Bytes one rank sends in one attention layer's forward (what `CommStats` counts).
+
+    ring:    N - 1 steps, each passing a key and a value chunk:  2 (N-1) B Hkv (T/N) D
+    ulysses: four all-to-alls (q, k, v, out), each keeping 1/N:  (N-1)/N B (2H + 2Hkv) (T/N) D
+    (times dtype_bytes). Ring's volume grows with N at fixed T/N; Ulysses' shrinks."""
+    if method not in SEQUENCE_PARALLEL_METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {SEQUENCE_PARALLEL_METHODS}")
+    N, chunk = world_size, batch * (seq_len / world_size) * head_dim * dtype_bytes
+    if method == "ring":
+        return 2 * (N - 1) * num_kv_heads * chunk
+    return (N - 1) / N * (2 * num_heads + 2 * num_kv_heads) * chunk

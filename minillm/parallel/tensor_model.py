@@ -136,3 +136,37 @@ def shard_tensors(sharded_model: nn.Module, full: dict[str, torch.Tensor]) -> di
             )
             out[key] = mod.shard(t) if sharded else t
     return out
+
+
+def tensor_parallel_shapes(config, world_size: int) -> dict[str, tuple]:
+    """Per-rank weight shapes of one decoder layer and the vocabulary matrices:
+    name -> (full shape, shard shape, split dimension: 0 rows / 1 columns / None whole)."""
+    check_tensor_parallel(config, world_size)
+    C, F, D = config.hidden_size, config.intermediate_size, config.head_dim
+    H, Hkv, V, p = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.vocab_size,
+        world_size,
+    )
+    full = {
+        "q_proj": (H * D, C),
+        "k_proj": (Hkv * D, C),
+        "v_proj": (Hkv * D, C),
+        "o_proj": (C, H * D),
+        "gate_proj": (F, C),
+        "up_proj": (F, C),
+        "down_proj": (C, F),
+        "embed_tokens": (V, C),
+        "lm_head": (V, C),
+        "input_layernorm": (C,),
+    }
+    split = {"o_proj": 1, "down_proj": 1, "input_layernorm": None}
+    out = {}
+    for name, shape in full.items():
+        dim = split.get(name, 0)
+        shard = list(shape)
+        if dim is not None:
+            shard[dim] //= p
+        out[name] = (shape, tuple(shard), dim)
+    return out

@@ -68,6 +68,7 @@ def zero_worker(group) -> dict:
             loss.backward()
             if step == 0:
                 out[f"{key}_grads"] = _grad_shards_of(zero, ref)
+                out[f"{key}_prefetched"] = zero.prefetched
             if step == 1:  # optimizer states exist now: measure before they change
                 measured, formula = measure_model_states(zero), formula_for(zero)
                 out[f"{key}_memory"] = (measured.as_dict(), formula.as_dict())
@@ -117,6 +118,16 @@ def test_forward_equals_one_process(zero, stage, offload):
     for r, res in enumerate(zero):
         assert res[f"{_key(stage, offload)}_eval"] < GRAD_TOL, f"rank {r}: logits differ"
         assert res[f"{_key(stage, offload)}_eval_freed"], "stage 3 kept gathered parameters"
+
+
+@pytest.mark.dist
+def test_stage3_prefetches_the_next_layer(zero):
+    # each forward finds layers 1..L-1 already being gathered, each backward L-2..0;
+    # counted after a no-grad forward, then a training forward and backward
+    layers = 4
+    for r, res in enumerate(zero):
+        assert res["stage3_prefetched"] == 3 * (layers - 1), f"rank {r}"
+        assert res["stage2_prefetched"] == 0
 
 
 @pytest.mark.dist

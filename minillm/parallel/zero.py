@@ -91,6 +91,7 @@ class ZeroDataParallel(nn.Module):
             )
         self.module, self.group, self.stage, self.offload = module, group, stage, offload
         self.stats, self.prefetch = stats, prefetch
+        self.prefetched = 0  # units found already in flight when needed (stage 3)
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if unit_modules is None:
             layers = getattr(getattr(module, "model", None), "layers", None)
@@ -162,6 +163,8 @@ class ZeroDataParallel(nn.Module):
             unit.gathered = True
 
     def _wait_gathered(self, unit: FlatUnit) -> None:
+        if unit.gather_work is not None:
+            self.prefetched += 1  # its all-gather was started in advance
         self._gather(unit)
         if unit.gather_work is not None:
             comm.wait(unit.gather_work, "ZeRO-3 parameter all_gather", self.group)

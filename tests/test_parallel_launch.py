@@ -4,6 +4,7 @@ Short limits keep these fast: collectives time out after 2 s, `spawn` gives up a
 """
 
 import os
+import re
 import time
 
 import pytest
@@ -89,10 +90,12 @@ def test_a_rank_that_hangs_makes_the_others_time_out():
 @pytest.mark.dist
 def test_a_pipeline_stage_that_dies_fails_its_neighbours_clearly():
     with pytest.raises(SpawnError) as info:
-        spawn(
-            last_stage_dies_mid_pipeline, 2, timeout_s=20, collective_timeout_s=COLLECTIVE_TIMEOUT_S
-        )
-    assert "CollectiveTimeoutError: rank 0 of 2: pipeline recv did not complete" in str(info.value)
+        spawn(last_stage_dies_mid_pipeline, 2, timeout_s=20, collective_timeout_s=2)
+    # depending on timing, stage 0 notices in its send of F0 or its receive for B0
+    assert re.search(
+        r"CollectiveTimeoutError: rank 0 of 2: pipeline[ _](send|recv) did not complete",
+        str(info.value),
+    )
 
 
 def test_spawn_rejects_functions_it_cannot_import():

@@ -137,7 +137,7 @@ class ZeroDataParallel(nn.Module):
         N = self.world_size
         numel = sum(p.numel() for p in params)
         shard_size = max(1, -(-numel // N))  # ceil: pad to a multiple of N
-        ref = params[0] if params else torch.empty(0)
+        ref = params[0] if params else next(self.module.parameters())  # dtype and device
         full = torch.zeros(N * shard_size, dtype=ref.dtype, device=ref.device)
         offset = 0
         for p in params:

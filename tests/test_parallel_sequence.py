@@ -78,6 +78,9 @@ def test_bad_sequence_parallel_arguments():
     attn = tiny_model().model.layers[0].self_attn
     with pytest.raises(ValueError, match="unknown sequence-parallel method"):
         SequenceParallelAttention(attn, None, "zigzag")
+    sp_attn = SequenceParallelAttention(attn, None, "ring")
+    with pytest.raises(ValueError, match="KV cache"):
+        sp_attn(torch.zeros(1, 2, 64), None, None, "sdpa", cache=object())
 
 
 # ------------------------------------------------------------------ gloo processes

@@ -216,3 +216,11 @@ def test_tensor_parallel_shapes_of_llama_2_7b():
     assert shapes["lm_head"][1] == (16000, 4096)
     with pytest.raises(ValueError, match="does not divide"):
         tensor_parallel_shapes(ModelConfig.from_name("llama-2-7b"), 3)
+
+
+def test_per_rank_config_has_this_ranks_heads():
+    from minillm.parallel.tensor_model import per_rank_config
+
+    cfg = per_rank_config(tiny_config(), 4)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 1, 8)
+    assert cfg.hidden_size == tiny_config().hidden_size

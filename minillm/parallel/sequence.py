@@ -69,7 +69,12 @@ class SequenceParallelAttention(nn.Module):
         self.o_proj = attn.o_proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
 
-    def forward(self, x, cos, sin, backend: str = "sdpa") -> torch.Tensor:
+    def forward(self, x, cos, sin, backend: str = "sdpa", cache=None) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError(
+                "sequence-parallel attention does not use a KV cache: it runs whole sequences "
+                "(prefill or training); pass cache=None"
+            )
         B, Tc, _ = x.shape
         q = self.q_proj(x).view(B, Tc, self.num_heads, self.head_dim)  # (B, Tc, H, D)
         k = self.k_proj(x).view(B, Tc, self.num_kv_heads, self.head_dim)  # (B, Tc, Hkv, D)

@@ -138,6 +138,17 @@ def shard_tensors(sharded_model: nn.Module, full: dict[str, torch.Tensor]) -> di
     return out
 
 
+def per_rank_config(config, world_size: int):
+    """The config one rank's attention really runs: H/p query and Hkv/p kv heads (for
+    sizing a KV cache of a sharded model); everything else unchanged."""
+    check_tensor_parallel(config, world_size)
+    return config.replace(
+        num_attention_heads=config.num_attention_heads // world_size,
+        num_key_value_heads=config.num_key_value_heads // world_size,
+        head_dim=config.head_dim,
+    )
+
+
 def tensor_parallel_shapes(config, world_size: int) -> dict[str, tuple]:
     """Per-rank weight shapes of one decoder layer and the vocabulary matrices:
     name -> (full shape, shard shape, split dimension: 0 rows / 1 columns / None whole)."""

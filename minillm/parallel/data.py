@@ -44,7 +44,7 @@ class Bucket:
 class _BackwardState:
     hooks_fired: int = 0
     callback_queued: bool = False
-    launch_order: list[int] = field(default_factory=list)
+    launch_order: list[int] = field(default_factory=list)  # bucket indices, as launched
 
 
 class DataParallel(nn.Module):

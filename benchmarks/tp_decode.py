@@ -1,16 +1,20 @@
 """Tensor-parallel decoding: one decode step of a Llama-2-7B-shaped model on 1 GPU vs TP=2.
 
-Without a KV cache, a decode step is a forward over the context whose last position gives
-the next token. With a short context that forward is memory-bound: every step reads all
-the weights once (2 Psi bytes in bf16, 13.5 GB at 7B), so TP=2, which halves the bytes
-each GPU reads, can approach 2x; what it costs is two all-reduces per layer (64 for 32
-layers), small messages whose latency adds up. In eager mode the CPU's kernel launches
-(~1300 per forward) would hide all of this, so each variant is also captured in a CUDA
-graph (NCCL collectives are capturable) and both are reported.
+A decode step of one sequence is memory-bound: it reads every weight once (2 Psi bytes in
+bf16, 13.5 GB at 7B) to produce one token, so TP=2, which halves the bytes each GPU reads,
+can approach 2x; what it costs is two all-reduces per layer (64 for 32 layers), small
+messages whose latency adds up. Two kinds of step are measured:
 
-Both are measured in the same run: rank 0 alone times the full model (the other rank
-waits), then both ranks shard it (`apply_tensor_parallel`) and time the TP forward; the
-TP logits are checked against the single-GPU ones.
+  - "cache S=512": one new token with a KV cache holding 512 positions (minillm.cache; on
+    a sharded model each rank caches its own kv heads): the real decode step;
+  - "T=...": without a cache, a forward over T tokens whose last position gives the next
+    token (a short T keeps it memory-bound; a long one turns it into compute).
+
+In eager mode the CPU's kernel launches (~1300 per forward) would hide all of this, so each
+step is also captured in a CUDA graph (NCCL collectives are capturable), and for the
+headline step compiled first (torch.compile fuses the norms' and rotary embeddings' small
+kernels). Rank 0 alone times the full model (the other rank waits), then both ranks shard
+it (`apply_tensor_parallel`) and time the TP step; TP logits are checked against 1 GPU's.
 
     torchrun --standalone --nproc_per_node=2 -m benchmarks.tp_decode      # 2 GPUs, NCCL
     python -m benchmarks.tp_decode --smoke                               # CPU, 2 gloo ranks
@@ -30,38 +34,78 @@ from minillm.bench import measure_copy_bandwidth, save_result, time_fn
 from minillm.config import ModelConfig
 from minillm.model import CausalLM
 from minillm.parallel import comm, init_distributed, spawn
-from minillm.parallel.tensor_model import apply_tensor_parallel
+from minillm.parallel.tensor_model import apply_tensor_parallel, per_rank_config
 from minillm.parallel.testing import tiny_config
 
+try:  # the KV cache (minillm.cache); without it, only cache-free steps are measured
+    from minillm.cache import StaticKVCache
+except ImportError:  # pragma: no cover - depends on the checkout
+    StaticKVCache = None
 
-def _step_fn(model, ids: torch.Tensor, mode: str):
-    """A callable running one decode step (forward over `ids`).
 
-    mode: "eager"; "graph" (the forward captured in a CUDA graph: no CPU launch cost);
+class Workload:
+    """One kind of decode step: a forward over `tokens` new tokens after `cached` cached
+    ones (cached = 0: no cache). `call(model, cache)` runs it; the cache is cropped back
+    first, so every call is the same step (also when replayed from a CUDA graph)."""
+
+    def __init__(self, label: str, tokens: int, cached: int, vocab_size: int, device: str):
+        self.label, self.tokens, self.cached = label, tokens, cached
+        g = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(0, vocab_size, (1, cached + tokens), generator=g).to(device)
+        self.context, self.new = ids[:, :cached], ids[:, cached:]
+
+    def make_cache(self, model, config, dtype, device):
+        """A cache filled with the context (None without one)."""
+        if not self.cached:
+            return None
+        cache = StaticKVCache(config, 1, self.cached + self.tokens, dtype=dtype, device=device)
+        model(self.context, None, cache)
+        return cache
+
+    def call(self, model, cache, check_inputs: bool = False):
+        if cache is None:
+            return model(self.new, check_inputs=check_inputs)
+        cache.crop(self.cached)
+        return model(self.new, None, cache, check_inputs=check_inputs)
+
+
+def _workloads(settings: dict, vocab_size: int, device: str) -> list[Workload]:
+    out = [Workload(f"T={T}", T, 0, vocab_size, device) for T in settings["contexts"]]
+    if StaticKVCache is not None:
+        out += [
+            Workload(f"cache S={S}", 1, S, vocab_size, device) for S in settings["cache_contexts"]
+        ]
+    return out
+
+
+def _step_fn(model, workload: Workload, cache, mode: str):
+    """A callable running one decode step.
+
+    mode: "eager"; "graph" (the step captured in a CUDA graph: no CPU launch cost);
     "compile+graph" (torch.compile fuses the small elementwise kernels of the norms and
     rotary embeddings first: fewer, larger kernels, then the CUDA graph)."""
     if mode == "eager":
-        return lambda: model(ids, check_inputs=False)
+        return lambda: workload.call(model, cache)
     fn = torch.compile(model, dynamic=False) if mode == "compile+graph" else model
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):  # warm-up: compilation, kernel choice, NCCL communicators
-            fn(ids, check_inputs=False)
+            workload.call(fn, cache)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn(ids, check_inputs=False)
+        workload.call(fn, cache)
     return graph.replay
 
 
-def _time(model, ids, mode: str, repeat: int, device: str, agree=None) -> float | str:
+def _time(model, workload, cache, mode, repeat, device, agree=None) -> float | str:
     """Median seconds of a step, or why it could not be measured. With `agree` (a gloo
     group), every rank must have built its step before any times it: a rank whose
     capture failed must not leave the others waiting in a replayed collective forever."""
     error = None
     try:
-        fn = _step_fn(model, ids, mode)
+        fn = _step_fn(model, workload, cache, mode)
     except Exception as e:  # capture or compilation can fail: report it, keep the others
         error = f"{mode} failed: {type(e).__name__}: {str(e)[:300]}"
     if agree is not None:
@@ -74,11 +118,11 @@ def _time(model, ids, mode: str, repeat: int, device: str, agree=None) -> float 
     return time_fn(fn, warmup=3, repeat=repeat, device=device)
 
 
-def _modes(T: int, settings: dict, on_gpu: bool) -> list[str]:
+def _modes(workload: Workload, settings: dict, on_gpu: bool) -> list[str]:
     if not on_gpu:
         return ["eager"]
     modes = ["eager", "graph"]
-    if T in settings["compile_contexts"]:
+    if workload.label in settings["compile"]:
         modes.append("compile+graph")
     return modes
 
@@ -100,38 +144,39 @@ def run(group, settings: dict) -> dict | None:
         model = CausalLM(config, attn_backend="sdpa").eval()
     torch.set_default_dtype(default_dtype)
     weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-    contexts = settings["contexts"]
-    g = torch.Generator(device="cpu").manual_seed(1)
-    prompts = {
-        T: torch.randint(0, config.vocab_size, (1, T), generator=g).to(device) for T in contexts
-    }
+    workloads = _workloads(settings, config.vocab_size, device)
     rows, reference = [], {}
     if rank == 0:  # the baseline: the whole model on one device
-        for T in contexts:
-            reference[T] = model(prompts[T])[0, -1].float()
-            for mode in _modes(T, settings, on_gpu):
-                t = _time(model, prompts[T], mode, settings["repeat"], device)
-                rows.append({"context": T, "ranks": 1, "mode": mode, "seconds": t})
+        for w in workloads:
+            cache = w.make_cache(model, config, dtype, device)
+            reference[w.label] = w.call(model, cache, check_inputs=True)[0, -1].float()
+            for mode in _modes(w, settings, on_gpu):
+                t = _time(model, w, cache, mode, settings["repeat"], device)
+                rows.append({"workload": w.label, "ranks": 1, "mode": mode, "seconds": t})
+            del cache
     comm.barrier(cpu_group)
     apply_tensor_parallel(model, group)
     if on_gpu:
         torch._dynamo.reset()  # compiled code of the unsharded model: not needed any more
         torch.cuda.empty_cache()
-    for T in contexts:
-        logits = model(prompts[T])[0, -1].float()
-        for mode in _modes(T, settings, on_gpu):
-            t = _time(model, prompts[T], mode, settings["repeat"], device, cpu_group)
+    rank_config = per_rank_config(config, p)  # a rank caches only its own kv heads
+    for w in workloads:
+        cache = w.make_cache(model, rank_config, dtype, device)
+        logits = w.call(model, cache, check_inputs=True)[0, -1].float()
+        for mode in _modes(w, settings, on_gpu):
+            t = _time(model, w, cache, mode, settings["repeat"], device, cpu_group)
             if rank == 0:
                 rows.append(
                     {
-                        "context": T,
+                        "workload": w.label,
                         "ranks": p,
                         "mode": mode,
                         "seconds": t,
-                        "max_logit_diff": (logits - reference[T]).abs().max().item(),
-                        "same_greedy_token": bool(logits.argmax() == reference[T].argmax()),
+                        "max_logit_diff": (logits - reference[w.label]).abs().max().item(),
+                        "same_greedy_token": bool(logits.argmax() == reference[w.label].argmax()),
                     }
                 )
+        del cache
     comm.barrier(cpu_group)
     if rank != 0:
         return None
@@ -140,7 +185,7 @@ def run(group, settings: dict) -> dict | None:
 
 
 def _summarize(rows, weight_bytes, p, bandwidth, config, dtype, settings) -> dict:
-    by_key = {(r["context"], r["ranks"], r["mode"]): r for r in rows}
+    by_key = {(r["workload"], r["ranks"], r["mode"]): r for r in rows}
     for r in rows:
         if not isinstance(r["seconds"], float):
             continue
@@ -149,13 +194,14 @@ def _summarize(rows, weight_bytes, p, bandwidth, config, dtype, settings) -> dic
         r["weight_read_gb_per_s_per_gpu"] = per_gpu_bytes / r["seconds"] / 1e9
         if bandwidth:
             r["fraction_of_copy_bandwidth"] = per_gpu_bytes / r["seconds"] / bandwidth
-        base = by_key.get((r["context"], 1, r["mode"]))
+        base = by_key.get((r["workload"], 1, r["mode"]))
         if r["ranks"] > 1 and base and isinstance(base["seconds"], float):
             r["speedup_vs_1_gpu"] = base["seconds"] / r["seconds"]
-    # The headline: the fastest TP=p setup at the main context, against one GPU in the
+    # The headline: the fastest TP=p setup of the main workload, against one GPU in the
     # same mode (a speedup always compares like with like).
-    T = settings["headline_context"]
-    candidates = [r for r in rows if r["context"] == T and "speedup_vs_1_gpu" in r]
+    labels = [r["workload"] for r in rows]
+    main = next((lab for lab in settings["headline"] if lab in labels), labels[0])
+    candidates = [r for r in rows if r["workload"] == main and "speedup_vs_1_gpu" in r]
     best = min(candidates, key=lambda r: r["seconds"], default=None)
     return {
         "model": {
@@ -169,7 +215,7 @@ def _summarize(rows, weight_bytes, p, bandwidth, config, dtype, settings) -> dic
         "headline": None
         if best is None
         else {
-            "context": T,
+            "workload": main,
             "mode": best["mode"],
             "speedup_vs_1_gpu": best["speedup_vs_1_gpu"],
             "target": 1.5,
@@ -186,28 +232,28 @@ def _plot(result: dict):
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if isinstance(r["seconds"], float)]
-    labels = sorted({(r["context"], r["mode"]) for r in rows})
+    labels = list(dict.fromkeys((r["workload"], r["mode"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 3.5))
     width = 0.38
     for k, ranks in enumerate(sorted({r["ranks"] for r in rows})):
         ms = []
         for lab in labels:
-            match = [r for r in rows if (r["context"], r["mode"]) == lab and r["ranks"] == ranks]
+            match = [r for r in rows if (r["workload"], r["mode"]) == lab and r["ranks"] == ranks]
             ms.append(match[0]["seconds"] * 1e3 if match else 0.0)
         xs = [i + k * width for i in range(len(labels))]
         ax.bar(xs, ms, width, label=f"{ranks} GPU(s)" if ranks == 1 else f"TP={ranks}")
     ax.set_xticks([i + width / 2 for i in range(len(labels))])
-    ax.set_xticklabels([f"T={t}\n{mode}" for t, mode in labels], fontsize=8)
+    ax.set_xticklabels([f"{w}\n{mode}" for w, mode in labels], fontsize=8)
     ax.set_ylabel("ms per decode step")
-    ax.set_title("One decode step (forward over T tokens), lower is better")
+    ax.set_title("One decode step, lower is better")
     ax.legend()
     return fig
 
 
 def _print(result: dict) -> None:
-    print(f"{'context':>8} {'ranks':>5} {'mode':>14} {'ms/step':>9} {'speedup':>8} {'BW':>6}")
+    print(f"{'step':>12} {'ranks':>5} {'mode':>14} {'ms/step':>9} {'speedup':>8} {'BW':>6}")
     for r in result["rows"]:
-        head = f"{r['context']:>8} {r['ranks']:>5} {r['mode']:>14}"
+        head = f"{r['workload']:>12} {r['ranks']:>5} {r['mode']:>14}"
         if not isinstance(r["seconds"], float):
             print(f"{head} {r['seconds']}")
             continue
@@ -219,7 +265,7 @@ def _print(result: dict) -> None:
     if result["headline"]:
         h = result["headline"]
         print(
-            f"headline: T={h['context']} {h['mode']}: {h['speedup_vs_1_gpu']:.2f}x "
+            f"headline: {h['workload']} {h['mode']}: {h['speedup_vs_1_gpu']:.2f}x "
             f"(target >= {h['target']}x: {'met' if h['met'] else 'NOT met'})"
         )
 
@@ -235,18 +281,37 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, CPU, seconds")
     parser.add_argument("--model", default="llama-2-7b", help="a ModelConfig preset")
-    parser.add_argument("--contexts", type=int, nargs="+", default=None)
-    parser.add_argument("--compile-contexts", type=int, nargs="*", default=None)
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=None, help="token counts of cache-free steps"
+    )
+    parser.add_argument(
+        "--cache-contexts",
+        type=int,
+        nargs="*",
+        default=None,
+        help="cached positions of decode steps with a KV cache",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        default=None,
+        help='steps to also compile, e.g. "cache S=512" "T=16"',
+    )
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
-    contexts = args.contexts or ([1, 8] if args.smoke else [1, 16, 128])
+    cache_contexts = args.cache_contexts
+    if cache_contexts is None:
+        cache_contexts = [8] if args.smoke else [512]
+    headline = [f"cache S={S}" for S in cache_contexts] + ["T=16"]
     settings = {
         "smoke": args.smoke,
         "model": args.model,
-        "contexts": contexts,
-        "compile_contexts": [16] if args.compile_contexts is None else args.compile_contexts,
-        "headline_context": 16 if 16 in contexts else contexts[0],
+        "contexts": args.contexts or ([1, 8] if args.smoke else [1, 16, 128]),
+        "cache_contexts": cache_contexts,
+        "kv_cache_available": StaticKVCache is not None,
+        "compile": headline[:1] if args.compile is None else args.compile,
+        "headline": headline,
         "repeat": args.repeat or (3 if args.smoke else 30),
         "out": args.out,
     }

@@ -23,7 +23,8 @@ def test_tp_decode_smoke(tmp_path):
     data = json.loads((tmp_path / "tp_decode.json").read_text())
     assert (tmp_path / "tp_decode.png").stat().st_size > 0
     rows = data["rows"]
-    assert {(r["context"], r["ranks"]) for r in rows} == {(1, 1), (8, 1), (1, 2), (8, 2)}
+    steps = ["T=1", "T=8"] + (["cache S=8"] if tp_decode.StaticKVCache is not None else [])
+    assert {(r["workload"], r["ranks"]) for r in rows} == {(s, p) for s in steps for p in (1, 2)}
     for r in rows:
         assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(1 / r["seconds"])
         if r["ranks"] == 2:  # fp32 on CPU: the sharded model gives the same logits

@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         "contexts": args.contexts or ([1, 8] if args.smoke else [1, 16, 128]),
         "cache_contexts": cache_contexts,
         "kv_cache_available": StaticKVCache is not None,
-        "compile": headline[:1] if args.compile is None else args.compile,
+        "compile": ([] if args.smoke else headline[:1]) if args.compile is None else args.compile,
         "headline": headline,
         "repeat": args.repeat or (3 if args.smoke else 30),
         "out": args.out,

@@ -127,8 +127,36 @@ def _modes(workload: Workload, settings: dict, on_gpu: bool) -> list[str]:
     return modes
 
 
+def _build(config, dtype, device):
+    torch.manual_seed(0)  # the same random weights on every rank, and for both models
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = CausalLM(config, attn_backend="sdpa").eval()
+    torch.set_default_dtype(default_dtype)
+    return model
+
+
+def _measure(model, cfg, workloads, modes, settings, device, dtype, agree=None) -> dict:
+    """{(workload, mode): seconds or error} and {workload: last-position logits}."""
+    times, logits = {}, {}
+    for w in workloads:
+        wanted = [m for m in modes if m in _modes(w, settings, device != "cpu")]
+        if not wanted:
+            continue
+        cache = w.make_cache(model, cfg, dtype, device)
+        logits[w.label] = w.call(model, cache, check_inputs=True)[0, -1].float()
+        for mode in wanted:
+            times[(w.label, mode)] = _time(model, w, cache, mode, settings["repeat"], device, agree)
+        del cache
+    return times, logits
+
+
 @torch.inference_mode()
 def run(group, settings: dict) -> dict | None:
+    """Phase 1 (eager, CUDA graph): rank 0 times the full model while the others wait, then
+    every rank times the sharded one. Phase 2 (compile + graph) comes last, so that a
+    compiler or capture failure cannot cost the measurements already taken."""
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     on_gpu = dist.get_backend(group) == "nccl"
     device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
@@ -137,50 +165,37 @@ def run(group, settings: dict) -> dict | None:
         config, dtype = tiny_config(), torch.float32
     else:
         config, dtype = ModelConfig.from_name(settings["model"]), torch.bfloat16
-    torch.manual_seed(0)  # the same random weights on every rank
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = CausalLM(config, attn_backend="sdpa").eval()
-    torch.set_default_dtype(default_dtype)
-    weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-    workloads = _workloads(settings, config.vocab_size, device)
-    rows, reference = [], {}
-    if rank == 0:  # the baseline: the whole model on one device
-        for w in workloads:
-            cache = w.make_cache(model, config, dtype, device)
-            reference[w.label] = w.call(model, cache, check_inputs=True)[0, -1].float()
-            for mode in _modes(w, settings, on_gpu):
-                t = _time(model, w, cache, mode, settings["repeat"], device)
-                rows.append({"workload": w.label, "ranks": 1, "mode": mode, "seconds": t})
-            del cache
-    comm.barrier(cpu_group)
-    apply_tensor_parallel(model, group)
-    if on_gpu:
-        torch._dynamo.reset()  # compiled code of the unsharded model: not needed any more
-        torch.cuda.empty_cache()
+    single = _build(config, dtype, device) if rank == 0 else None
+    sharded = apply_tensor_parallel(_build(config, dtype, device), group)
+    weight_bytes = config.num_parameters() * torch.finfo(dtype).bits // 8
     rank_config = per_rank_config(config, p)  # a rank caches only its own kv heads
-    for w in workloads:
-        cache = w.make_cache(model, rank_config, dtype, device)
-        logits = w.call(model, cache, check_inputs=True)[0, -1].float()
-        for mode in _modes(w, settings, on_gpu):
-            t = _time(model, w, cache, mode, settings["repeat"], device, cpu_group)
-            if rank == 0:
-                rows.append(
-                    {
-                        "workload": w.label,
-                        "ranks": p,
-                        "mode": mode,
-                        "seconds": t,
-                        "max_logit_diff": (logits - reference[w.label]).abs().max().item(),
-                        "same_greedy_token": bool(logits.argmax() == reference[w.label].argmax()),
-                    }
-                )
-        del cache
-    comm.barrier(cpu_group)
+    workloads = _workloads(settings, config.vocab_size, device)
+    times, reference, logits = {}, {}, {}
+    bandwidth = None
+    for phase in (["eager", "graph"], ["compile+graph"]):
+        if rank == 0:
+            t, ref = _measure(single, config, workloads, phase, settings, device, dtype)
+            times.update({(lab, 1, m): v for (lab, m), v in t.items()})
+            reference.update(ref)
+        comm.barrier(cpu_group)
+        torch._dynamo.reset()  # the unsharded model's compiled code: not needed any more
+        t, out = _measure(
+            sharded, rank_config, workloads, phase, settings, device, dtype, cpu_group
+        )
+        times.update({(lab, p, m): v for (lab, m), v in t.items()})
+        logits.update(out)
+        if on_gpu and bandwidth is None and rank == 0:
+            bandwidth = measure_copy_bandwidth(device=device)  # before anything can fail
+        comm.barrier(cpu_group)
     if rank != 0:
         return None
-    bandwidth = measure_copy_bandwidth(device=device) if on_gpu else None
+    rows = []
+    for (label, ranks, mode), seconds in times.items():
+        row = {"workload": label, "ranks": ranks, "mode": mode, "seconds": seconds}
+        if ranks > 1:
+            row["max_logit_diff"] = (logits[label] - reference[label]).abs().max().item()
+            row["same_greedy_token"] = bool(logits[label].argmax() == reference[label].argmax())
+        rows.append(row)
     return _summarize(rows, weight_bytes, p, bandwidth, config, dtype, settings)
 
 

@@ -10,7 +10,9 @@ The forward pass is the obviously-correct one: every call recomputes attention o
 the tokens it is given. Given a KV cache (`minillm.cache`), the same forward continues a
 cached sequence instead: `model(input_ids, positions, cache)` appends the new tokens' keys
 and values to the cache and attends over all of them, which is one decode step when T = 1.
-Both paths give the same logits (tested token for token).
+Both paths give the same logits (tested token for token). A serving engine calls
+`model(input_ids, positions, attn_metadata=...)` with a packed batch of many sequences,
+ids and positions (N,), over a paged pool (`minillm.layers.attention_metadata`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from minillm.layers.rotary import rope_cos_sin, rope_inv_freq
 
 if TYPE_CHECKING:
     from minillm.cache import KVCache
+    from minillm.layers.attention_metadata import AttentionMetadata
 
 
 class DecoderLayer(nn.Module):
@@ -45,8 +48,13 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         backend: str,
         cache: KVCache | None = None,
+        attn_metadata: AttentionMetadata | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, cache)
+        h = self.input_layernorm(x)
+        if attn_metadata is None:
+            x = x + self.self_attn(h, cos, sin, backend, cache)
+        else:
+            x = x + self.self_attn(h, cos, sin, backend, cache, attn_metadata)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -141,11 +149,16 @@ class CausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         check_inputs: bool = True,
+        attn_metadata: AttentionMetadata | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V). `positions` (T,) or (B, T) default 0..T-1.
 
         With a `cache` holding P positions, the T tokens are positions P .. P + T - 1 (the
-        default; given positions must equal them); their keys and values join the cache."""
+        default; given positions must equal them); their keys and values join the cache.
+        With `attn_metadata`: a packed batch, input_ids and positions (N,) -> logits (R, V)
+        of the rows `attn_metadata.logits_indices` (all N rows when None)."""
+        if attn_metadata is not None:
+            return self.forward_packed(input_ids, positions, attn_metadata, check_inputs)
         past = 0 if cache is None else cache.seq_len
         if check_inputs:
             self.check_input_ids(input_ids, past)
@@ -163,6 +176,47 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, self.attn_backend, cache)
         x = self.model.norm(x)
         return self.lm_head(x)  # (B, T, V)
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        check_inputs: bool = True,
+    ) -> torch.Tensor:
+        """The packed path of `forward`: ids and positions (N,) -> logits (R, V)."""
+        if check_inputs:
+            self._check_packed(input_ids, positions)
+        x = self.model.embed_tokens(input_ids)  # (N, C)
+        inv_freq = rope_inv_freq(self.config, device=x.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)  # (N, D)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, self.attn_backend, None, attn_metadata)
+        if attn_metadata.logits_indices is not None:
+            x = x[attn_metadata.logits_indices]  # (R, C): only the rows that are sampled
+        return self.lm_head(self.model.norm(x))  # (R, V)
+
+    def _check_packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        for name, t in (("input_ids", input_ids), ("positions", positions)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 1:
+                raise ValueError(f"a packed batch needs 1-D (N,) {name}, got {t!r:.60}")
+        if input_ids.shape != positions.shape or input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} "
+                "must have the same non-zero length"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]"
+            )
+        if int(positions.min()) < 0 or int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"positions must lie in [0, {self.config.max_position_embeddings}), got "
+                f"[{int(positions.min())}, {int(positions.max())}]"
+            )
 
     @staticmethod
     def _check_cache_positions(positions: torch.Tensor, past: int, T: int) -> None:

@@ -19,6 +19,10 @@ Invariant: a block's ref_count equals the number of block tables that hold it, a
 is free exactly when its ref_count is 0. Full blocks are entered into the prefix cache when
 they are allocated (or filled by `append_slot`): the caller writes their K/V in the same
 forward pass, before attention reads them (the model writes each layer's cache first).
+So give `allocate` and `append_slot` only tokens that the next forward computes: with
+chunked prefill, `allocate` the first chunk (`num_prefix_hit_tokens` says where it may
+start) and `append_slot` each later chunk's tokens in the step that computes them, so that
+no block is found in the prefix cache before its K/V exist (`minillm.engine.scheduler`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Block:
 class _Sequence:
     token_ids: list[int]
     block_table: list[int] = field(default_factory=list)
+    last_hash: int | None = None  # chain hash of the last full block (prefix caching)
 
 
 def block_hash(parent: int | None, token_ids: Sequence[int]) -> int:
@@ -113,6 +118,11 @@ class BlockManager:
             hits.append(bid)
         return hits
 
+    def num_prefix_hit_tokens(self, token_ids: Sequence[int]) -> int:
+        """Leading tokens of a prompt whose K/V the prefix cache holds (what `allocate`
+        would return), without allocating anything."""
+        return len(self._prefix_hit_blocks([int(t) for t in token_ids])) * self.block_size
+
     def _blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -177,7 +187,7 @@ class BlockManager:
         parent, bs = (self.blocks[hits[-1]].hash if hits else None), self.block_size
         for i in range(len(hits), len(token_ids) // bs):  # the new full blocks
             parent = self._register(table[i], parent, tuple(token_ids[i * bs : (i + 1) * bs]))
-        self.seqs[seq_id] = _Sequence(token_ids, table)
+        self.seqs[seq_id] = _Sequence(token_ids, table, parent)
         return len(hits) * bs
 
     def append_slot(self, seq_id: Hashable, token_id: int) -> tuple[int, tuple[int, int] | None]:
@@ -197,10 +207,10 @@ class BlockManager:
             seq.block_table[-1], cow = new, (last, new)
         seq.token_ids.append(int(token_id))
         if self.enable_prefix_caching and (n + 1) % bs == 0:  # the last block filled up
-            i, parent = n // bs, None
-            for j in range(i):  # the chain of the blocks before it
-                parent = block_hash(parent, seq.token_ids[j * bs : (j + 1) * bs])
-            self._register(seq.block_table[i], parent, tuple(seq.token_ids[i * bs :]))
+            i = n // bs  # chained to the block before it: O(1) per filled block
+            seq.last_hash = self._register(
+                seq.block_table[i], seq.last_hash, tuple(seq.token_ids[i * bs :])
+            )
         return seq.block_table[-1] * bs + n % bs, cow
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
@@ -210,7 +220,9 @@ class BlockManager:
             raise ValueError(f"sequence {child_id!r} already has blocks")
         for bid in parent.block_table:
             self.blocks[bid].ref_count += 1
-        self.seqs[child_id] = _Sequence(list(parent.token_ids), list(parent.block_table))
+        self.seqs[child_id] = _Sequence(
+            list(parent.token_ids), list(parent.block_table), parent.last_hash
+        )
 
     def free(self, seq_id: Hashable) -> None:
         """Release a sequence's blocks; cached ones stay findable until evicted."""

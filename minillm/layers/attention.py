@@ -32,6 +32,7 @@ from minillm.layers.rotary import apply_rotary
 
 if TYPE_CHECKING:
     from minillm.cache import KVCache
+    from minillm.layers.attention_metadata import AttentionMetadata
 
 
 def causal_mask(
@@ -146,7 +147,9 @@ class Attention(nn.Module):
     """The attention block of one decoder layer: project, normalize (Qwen3), rotate, attend.
 
     With a KV cache, the rotated keys and the values of the new tokens are appended to the
-    layer's cache, and the queries attend over every cached position."""
+    layer's cache, and the queries attend over every cached position. With attention
+    metadata instead, x is a packed batch (N, C) of many sequences over a paged pool
+    (`minillm.layers.attention_metadata`)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -173,7 +176,10 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         backend: str = "sdpa",
         cache: KVCache | None = None,
+        attn_metadata: AttentionMetadata | None = None,
     ) -> torch.Tensor:
+        if attn_metadata is not None:
+            return self.forward_packed(x, cos, sin, attn_metadata)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
@@ -187,3 +193,22 @@ class Attention(nn.Module):
         y = attention(q, k, v, window=self.window, backend=backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+    def forward_packed(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        """x (N, C): the new tokens of a packed batch; cos/sin (N, D) at their positions."""
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.num_heads, self.head_dim)  # (N, H, D)
+        k = self.k_proj(x).view(N, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
+        v = self.v_proj(x).view(N, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate_packed(q, cos, sin), rotate_packed(k, cos, sin)
+        y = md.attend(self.layer_idx, q, k, v, self.window)  # (N, H, D)
+        return self.o_proj(y.reshape(N, self.num_heads * self.head_dim))  # (N, C)
+
+
+def rotate_packed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on packed heads x (N, H, D) with cos/sin (N, D): rotated as (H, N, D)."""
+    return apply_rotary(x.transpose(0, 1), cos, sin).transpose(0, 1)

@@ -1,0 +1,115 @@
+"""Attention over a packed batch and a paged KV pool: what one engine step hands the model.
+
+A serving engine runs many sequences in one forward pass, each at its own stage: some
+decode one token, others prefill a chunk of their prompt. Padding them to one length
+wastes compute, so the batch is *packed* (vLLM, FlashAttention's varlen API; CTranslate2
+calls it padding removal): the N new tokens of all sequences sit in one row (N,), and
+`AttentionMetadata` says which tokens belong to which sequence and where their keys and
+values live in the paged pool (`minillm.cache.paged`):
+
+    slot_mapping (N,)           pool slot of each new token's K/V (-1: do not store)
+    decode rows  [0, num_decodes)       one query each, at position context_lens[b] - 1:
+        block_tables (num_decodes, max_blocks), context_lens (num_decodes,)
+    prefill rows [num_decodes, N)       sequence b brings T_b queries, the last T_b of its
+        S_b keys (chunked prefill, or speculative verification): cu_seqlens_q / cu_seqlens_k
+        are the prefix sums of T_b / S_b, and kv_slots lists the pool slots of every
+        sequence's S_b keys in position order.
+    logits_indices (R,)         rows whose logits the engine samples from (None: all)
+
+Each layer first writes the new K/V into the pool (`reshape_and_cache`), then attends:
+decode rows with paged decode attention, prefill rows with variable-length causal
+attention over keys gathered from the pool. On CUDA both run as Triton kernels
+(`minillm.kernels`); elsewhere the PyTorch references do (`minillm.cache.paged` and the
+model's dense attention backend, one sequence at a time). The engine builds the metadata
+(`minillm.engine.model_runner`); the layers only call `attend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from minillm.cache.paged import PagedKVCache, paged_attention_ref, reshape_and_cache_ref
+from minillm.layers.attention import attention
+
+
+@dataclass
+class AttentionMetadata:
+    """The layout of one packed batch over a paged pool (shapes in the module docstring)."""
+
+    kv_cache: PagedKVCache
+    slot_mapping: torch.Tensor  # (N,) int64
+    num_decodes: int = 0
+    block_tables: torch.Tensor | None = None  # (num_decodes, max_blocks) int32
+    context_lens: torch.Tensor | None = None  # (num_decodes,) int32
+    max_decode_context: int = 0  # host copy of max(context_lens), or the graph's bound
+    cu_seqlens_q: torch.Tensor | None = None  # (P + 1,) int32, over the prefill rows
+    cu_seqlens_k: torch.Tensor | None = None  # (P + 1,) int32
+    kv_slots: torch.Tensor | None = None  # (sum S_b,) int64
+    query_lens: list[int] = field(default_factory=list)  # host copies: T_b of the prefills
+    key_lens: list[int] = field(default_factory=list)  # S_b
+    logits_indices: torch.Tensor | None = None  # (R,) int64
+    use_triton: bool = False  # CUDA kernels; False: the PyTorch references
+    backend: str = "sdpa"  # dense backend of the PyTorch prefill path
+    decode_num_splits: int | None = None  # split-K of the Triton decode (None: its choice)
+
+    @property
+    def num_prefills(self) -> int:
+        return len(self.query_lens)
+
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """Store k, v (N, Hkv, D) of layer `layer_idx` in the pool, then attend: q (N, H, D)
+        -> (N, H, D), every query over its own sequence's keys (causal, `window`)."""
+        k_cache, v_cache = self.kv_cache.layer(layer_idx)
+        if self.use_triton:
+            from minillm.kernels.reshape_and_cache import reshape_and_cache
+
+            reshape_and_cache(k, v, k_cache, v_cache, self.slot_mapping, check_bounds=False)
+        else:
+            reshape_and_cache_ref(k, v, k_cache, v_cache, self.slot_mapping)
+        nd = self.num_decodes
+        parts = []
+        if nd:
+            parts.append(self._decode(q[:nd], k_cache, v_cache, window))
+        if self.num_prefills:
+            parts.append(self._prefill(q[nd:], k_cache, v_cache, window))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _decode(self, q, k_cache, v_cache, window):
+        if self.use_triton:
+            from minillm.kernels.paged_attention import paged_attention
+
+            return paged_attention(
+                q, k_cache, v_cache, self.block_tables, self.context_lens, window=window,
+                num_splits=self.decode_num_splits, max_context_len=self.max_decode_context,
+                check_bounds=False,
+            )  # fmt: skip
+        return paged_attention_ref(q, k_cache, v_cache, self.block_tables, self.context_lens, window)
+
+    def _prefill(self, q, k_cache, v_cache, window):
+        Hkv, D = k_cache.shape[2:]
+        k = k_cache.view(-1, Hkv, D)[self.kv_slots]  # (sum S_b, Hkv, D): each sequence's keys
+        v = v_cache.view(-1, Hkv, D)[self.kv_slots]
+        if self.use_triton:
+            from minillm.kernels.flash_attn_interface import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(
+                q, k, v, self.cu_seqlens_q, self.cu_seqlens_k, max(self.query_lens),
+                max(self.key_lens), causal=True, window=window,
+            )  # fmt: skip
+        out, qs, ks = [], 0, 0
+        for T, S in zip(self.query_lens, self.key_lens, strict=True):
+            qb = q[qs : qs + T].transpose(0, 1)[None]  # (1, H, T, D)
+            kb = k[ks : ks + S].transpose(0, 1)[None]  # (1, Hkv, S, D)
+            vb = v[ks : ks + S].transpose(0, 1)[None]
+            out.append(attention(qb, kb, vb, window, self.backend)[0].transpose(0, 1))
+            qs, ks = qs + T, ks + S
+        return torch.cat(out)  # (sum T_b, H, D)

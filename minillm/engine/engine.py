@@ -54,8 +54,8 @@ class LLMEngine:
         num_blocks = self._num_blocks(models)
         self.bm = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.bm)
-        # Speculative tokens live in scratch blocks past the block manager's (k per sequence).
-        scratch = -(-cfg.max_num_seqs * cfg.num_speculative_tokens // cfg.block_size)
+        # Speculative tokens may spill into scratch blocks past the block manager's pool.
+        scratch = cfg.max_num_seqs * -(-cfg.num_speculative_tokens // cfg.block_size)
         runners = [self._runner(m, num_blocks + scratch) for m in models]
         self.runner = runners[0]
         self.spec = None
@@ -100,6 +100,8 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty: give some text or token ids")
             if self.tokenizer is None:
                 raise TypeError("a text prompt needs a tokenizer; pass token ids instead")
             ids = self.tokenizer.encode(prompt)

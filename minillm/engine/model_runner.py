@@ -35,8 +35,6 @@ class BatchRow:
     slots: list[int]  # pool slot of each token's K/V
     block_table: list[int]  # where positions 0 .. start - 1 live
     num_logits: int = 1  # logits wanted for the last num_logits tokens (0: none)
-    context_slots: list[int] | None = None  # slots of positions 0 .. start - 1, when some
-    # of them are not in the block table (speculative tokens in scratch slots)
 
 
 class ModelRunner:
@@ -68,8 +66,6 @@ class ModelRunner:
 
     def key_slots(self, row: BatchRow) -> list[int]:
         """Pool slots of every key of the row: positions 0 .. start - 1, then its tokens."""
-        if row.context_slots is not None:
-            return row.context_slots + row.slots
         bs, table = self.block_size, row.block_table
         return [table[p // bs] * bs + p % bs for p in range(row.start)] + row.slots
 

@@ -29,7 +29,7 @@ from minillm.engine.config import EngineConfig
 from minillm.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two sequences are never "equal"
 class ScheduledSeq:
     """Tokens start .. start + num_tokens - 1 of `seq` are computed this step."""
 
@@ -78,6 +78,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_partial_prefills = 0  # prefill chunks that stopped short of the prompt's end
+        self._reserved = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,11 +98,20 @@ class Scheduler:
 
     # ---- KV blocks ---------------------------------------------------------------------
     def _room(self, seq: Sequence) -> int:
-        """Tokens the sequence can still add: its last block's free slots + free blocks."""
+        """Tokens the sequence can still add: its last block's free slots, plus the free
+        blocks not reserved for this step's speculative tokens."""
         n, bs = seq.num_computed_tokens, self.bm.block_size
-        return _cdiv(n, bs) * bs - n + self.bm.num_free_blocks * bs
+        return _cdiv(n, bs) * bs - n + (self.bm.num_free_blocks - self._reserved) * bs
 
-    def _grow(self, seq: Sequence, end: int) -> list[int]:
+    def _can_allocate(self, token_ids: list[int]) -> bool:
+        """`can_allocate`, keeping the reserved blocks free (counting every block as new:
+        hits still in use would cost nothing, so this errs on the safe side)."""
+        if not self._reserved:
+            return self.bm.can_allocate(token_ids)
+        need = _cdiv(len(token_ids), self.bm.block_size)
+        return self.bm.num_free_blocks - self._reserved >= need
+
+    def grow(self, seq: Sequence, end: int) -> list[int]:
         """Append tokens num_computed .. end - 1 to the sequence's blocks; their slots."""
         slots = []
         for t in seq.token_ids[seq.num_computed_tokens : end]:
@@ -133,6 +143,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self._reserved = 0  # blocks kept free for accepted speculative tokens
         scheduled: set[int] = set()
         order = [s for s in self.running if s.is_decode] + [
             s for s in self.running if not s.is_decode
@@ -141,19 +152,17 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             decode = seq.is_decode
-            lookahead = self.lookahead(seq) if decode else 0
-            want = 1 if decode else seq.num_tokens - seq.num_computed_tokens
-            if decode and want + lookahead > budget:
-                continue
-            want = min(want, budget)
             while self._room(seq) < 1 and seq.status is SequenceStatus.RUNNING:
                 victims = [s for s in self.running if s.seq_id not in scheduled]
                 self.preempt(victims[-1], out)  # the newest; maybe seq itself
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            n = min(want, self._room(seq))
-            start = seq.num_computed_tokens
-            item = ScheduledSeq(seq, start, n, self._grow(seq, start + n), lookahead)
+            room, start = self._room(seq), seq.num_computed_tokens
+            n = 1 if decode else min(seq.num_tokens - start, budget, room)
+            lookahead = min(self.lookahead(seq), budget - 1, room - 1) if decode else 0
+            item = ScheduledSeq(seq, start, n, self.grow(seq, start + n), lookahead)
+            bs = self.bm.block_size
+            self._reserved += _cdiv(start + 1 + lookahead, bs) - _cdiv(start + 1, bs)
             (out.decodes if decode else out.prefills).append(item)
             self.num_partial_prefills += not item.samples
             scheduled.add(seq.seq_id)
@@ -178,7 +187,7 @@ class Scheduler:
             if not cfg.enable_chunked_prefill and todo > budget:
                 break
             n = min(todo, budget)
-            while n >= 1 and not self.bm.can_allocate(seq.token_ids[: hits + n]):
+            while n >= 1 and not self._can_allocate(seq.token_ids[: hits + n]):
                 if not cfg.enable_chunked_prefill:
                     n = 0  # a whole prompt or nothing
                 else:  # a chunk one block shorter

@@ -34,7 +34,7 @@ class SequenceStatus(enum.Enum):
 _seq_ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two sequences are never "equal"
 class Sequence:
     """One completion being generated (names follow vLLM)."""
 

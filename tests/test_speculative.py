@@ -105,7 +105,9 @@ def test_greedy_speculative_equals_the_target(pair, k, config):
     for i in range(24):
         start = rng.randrange(len(tokens) - 150)
         prompts.append(tokens[start : start + rng.randint(1, 120)])
-        params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, 40), ignore_eos=bool(i % 2)))
+        params.append(
+            SamplingParams(temperature=0, max_tokens=rng.randint(1, 40), ignore_eos=bool(i % 2))
+        )
     prompts[1] = prompts[0][:100] + prompts[1][:10]  # a shared prefix
     engine = LLMEngine(target, config=EngineConfig(block_size=8, num_speculative_tokens=k,
                                                    max_num_seqs=12, **config),
@@ -150,6 +152,7 @@ def test_speculative_sampling_follows_the_target_distribution(extra):
                        draft_model=draft)  # fmt: skip
     outs = run(engine, [prompt] * N, params)
     assert engine.spec.num_accepted > 0 and engine.spec.num_accepted < engine.spec.num_drafted
+
     def dist(model, context):
         """The distribution the request samples its next token from, after `context`."""
         logits = model(torch.tensor([context]))[0, -1:]
@@ -157,7 +160,7 @@ def test_speculative_sampling_follows_the_target_distribution(extra):
 
     with torch.no_grad():
         p1 = dist(target, prompt)
-        joint = torch.stack([p1[a] * dist(target, prompt + [a]) for a in range(V)])  # (V, V)
+        joint = torch.stack([p1[a] * dist(target, [*prompt, a]) for a in range(V)])  # (V, V)
         q1 = dist(draft, prompt)
     counts = torch.zeros(V, V)
     for o in outs:

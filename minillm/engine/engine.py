@@ -23,7 +23,7 @@ from minillm.cache.paged import PagedKVCache
 from minillm.engine.config import EngineConfig
 from minillm.engine.model_runner import BatchRow, ModelRunner
 from minillm.engine.sampler import sample_tokens
-from minillm.engine.scheduler import Scheduler, ScheduledSeq, SchedulerOutput
+from minillm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from minillm.engine.sequence import RequestOutput, Sequence
 from minillm.model import CausalLM
 from minillm.sampling_params import SamplingParams
@@ -64,8 +64,11 @@ class LLMEngine:
 
             self.spec = SpeculativeDecoder(self, runners[0], runners[1], num_blocks)
         if on_cuda and cfg.cuda_graphs and self.use_triton:
-            for r in runners:
-                r.capture_cuda_graphs(min(cfg.max_num_seqs, cfg.cuda_graph_max_batch))
+            k = cfg.num_speculative_tokens
+            max_blocks = -(-cfg.max_model_len // cfg.block_size) + -(-k // cfg.block_size)
+            for r, rows in zip(runners, (1 + k, 2), strict=False):  # decode rows per sequence
+                r.capture_cuda_graphs(min(cfg.max_num_seqs * rows, cfg.cuda_graph_max_batch),
+                                      max_blocks)  # fmt: skip
         self.eos = tuple(model.config.eos_token_ids)
         self._requests: dict[str, tuple[list[Sequence], str | None]] = {}
         self._ids = itertools.count()
@@ -115,7 +118,9 @@ class LLMEngine:
             raise ValueError("the prompt is empty: give at least one token")
         V = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
-            raise ValueError(f"token ids must lie in [0, {V}), got values in [{min(ids)}, {max(ids)}]")
+            raise ValueError(
+                f"token ids must lie in [0, {V}), got values in [{min(ids)}, {max(ids)}]"
+            )
         return ids
 
     def add_request(
@@ -198,8 +203,13 @@ class LLMEngine:
 
     def rows(self, items: list[ScheduledSeq]) -> list[BatchRow]:
         return [
-            BatchRow(s.seq.token_ids[s.start : s.start + s.num_tokens], s.start, s.slots,
-                     self.bm.block_table(s.seq.seq_id), int(s.samples))  # fmt: skip
+            BatchRow(
+                s.seq.token_ids[s.start : s.start + s.num_tokens],
+                s.start,
+                s.slots,
+                self.bm.block_table(s.seq.seq_id),
+                int(s.samples),
+            )
             for s in items
         ]
 
@@ -230,9 +240,9 @@ class LLMEngine:
         elif p.stop and (hit := _find_stop(seq.text, piece, p.stop)) is not None:
             seq.text, seq.decoder = seq.text[: hit[0]], None  # cut before the stop string
             seq.finish("stop", hit[1])
-        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            seq.finish("length")
-        elif seq.num_tokens >= self.config.max_model_len:
+        elif seq.num_tokens >= self.config.max_model_len or (
+            p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
+        ):
             seq.finish("length")
 
 

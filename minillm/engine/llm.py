@@ -100,7 +100,9 @@ class LLM:
             return [list(prompts)]  # one prompt of token ids
         if isinstance(prompts, Sequence):
             return list(prompts)
-        raise TypeError(f"prompts: a str, a list of token ids, or a list of them; got {prompts!r:.60}")
+        raise TypeError(
+            f"prompts: a str, a list of token ids, or a list of them; got {prompts!r:.60}"
+        )
 
     def _add_all(self, prompts, sampling_params) -> list[str]:
         prompts = self._prompts(prompts)

@@ -55,14 +55,18 @@ class ModelRunner:
         self.graphs = None  # a CUDAGraphs, set by `capture_cuda_graphs`
         self.num_graph_steps = self.num_eager_steps = 0
 
-    def capture_cuda_graphs(self, max_batch: int) -> None:
+    def capture_cuda_graphs(self, max_batch: int, max_blocks: int) -> None:
+        """Capture decode steps of up to `max_batch` rows whose block tables have at most
+        `max_blocks` entries (`minillm.engine.cuda_graphs`)."""
         from minillm.engine.cuda_graphs import CUDAGraphs
 
-        self.graphs = CUDAGraphs(self, max_batch)
+        self.graphs = CUDAGraphs(self, max_batch, max_blocks)
 
     def _tensor(self, values: list[int], dtype=torch.int64) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return (
+            t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        )
 
     def key_slots(self, row: BatchRow) -> list[int]:
         """Pool slots of every key of the row: positions 0 .. start - 1, then its tokens."""

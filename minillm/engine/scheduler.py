@@ -188,10 +188,8 @@ class Scheduler:
                 break
             n = min(todo, budget)
             while n >= 1 and not self._can_allocate(seq.token_ids[: hits + n]):
-                if not cfg.enable_chunked_prefill:
-                    n = 0  # a whole prompt or nothing
-                else:  # a chunk one block shorter
-                    n = (_cdiv(hits + n, bs) - 1) * bs - hits
+                # a whole prompt or nothing; or else a chunk one block shorter
+                n = (_cdiv(hits + n, bs) - 1) * bs - hits if cfg.enable_chunked_prefill else 0
             if n < 1:
                 break
             cached = self.bm.allocate(seq.seq_id, seq.token_ids[: hits + n])

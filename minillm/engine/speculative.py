@@ -226,7 +226,9 @@ class SpeculativeDecoder:
         if all(s.params.greedy for s in seqs):
             best = rows.argmax(-1).tolist()
             for it, a, b in spans:
-                emitted[it.seq.seq_id] = greedy_verify(drafted[it.seq.seq_id], best[at : at + b - a])
+                emitted[it.seq.seq_id] = greedy_verify(
+                    drafted[it.seq.seq_id], best[at : at + b - a]
+                )
                 at += b - a
             return
         p = token_probs(rows, seqs)

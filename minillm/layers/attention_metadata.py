@@ -92,7 +92,9 @@ class AttentionMetadata:
                 num_splits=self.decode_num_splits, max_context_len=self.max_decode_context,
                 check_bounds=False,
             )  # fmt: skip
-        return paged_attention_ref(q, k_cache, v_cache, self.block_tables, self.context_lens, window)
+        return paged_attention_ref(
+            q, k_cache, v_cache, self.block_tables, self.context_lens, window
+        )
 
     def _prefill(self, q, k_cache, v_cache, window):
         Hkv, D = k_cache.shape[2:]

@@ -1,0 +1,143 @@
+"""Fused versions of a decoder layer's modules: fewer, larger kernels for the same math.
+
+Two ideas from CTranslate2 and DeepSpeed-Inference (and every serving engine since):
+  - fuse projections that read the same input: q, k, v become one `qkv_proj` matmul and
+    the MLP's gate and up one `gate_up_proj` (one weight read per input, one launch);
+  - fuse the elementwise tail: RMSNorm with the residual add before it, RoPE on q and k
+    in one pass, SiLU-and-multiply (`minillm.kernels.fused_layers` on CUDA).
+
+    x -> [add + RMSNorm] -> qkv_proj -> [RoPE q,k] -> attention -> o_proj
+      -> [add + RMSNorm] -> gate_up_proj -> [SiLU * up] -> down_proj -> + residual
+
+Each fused module computes what the modules it replaces compute (tested against them);
+without CUDA the bracketed steps run their PyTorch twins. `minillm.engine.inject` swaps
+them into a model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.layers.attention import Attention, attention, rotate_packed
+from minillm.layers.mlp import SwiGLUMLP
+from minillm.layers.norm import RMSNorm, rms_norm
+from minillm.layers.rotary import apply_rotary
+
+
+def _concat_linear(*linears: nn.Module) -> nn.Linear | None:
+    """One nn.Linear whose output is the concatenation of `linears`' (None unless all are
+    plain nn.Linear, e.g. after quantization)."""
+    if not all(type(m) is nn.Linear for m in linears):
+        return None
+    w = torch.cat([m.weight.data for m in linears])
+    bias = linears[0].bias is not None
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=w.device, dtype=w.dtype)
+    fused.weight.data.copy_(w)
+    if bias:
+        fused.bias.data.copy_(torch.cat([m.bias.data for m in linears]))
+    return fused
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm, optionally with the residual add before it: (x, r) -> (norm(x + r), x + r)."""
+
+    def __init__(self, norm: RMSNorm, use_triton: bool):
+        super().__init__()
+        self.weight, self.eps, self.use_triton = norm.weight, norm.eps, use_triton
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.use_triton:
+            from minillm.kernels.fused_layers import rms_norm as rms_norm_kernel
+
+            return rms_norm_kernel(x, self.weight, self.eps, residual)
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        h = x + residual
+        return rms_norm(h, self.weight, self.eps), h
+
+
+class FusedMLP(nn.Module):
+    """SwiGLU with one gate_up_proj (C -> 2F) and a fused SiLU-and-multiply."""
+
+    def __init__(self, mlp: SwiGLUMLP, use_triton: bool):
+        super().__init__()
+        self.gate_up_proj = _concat_linear(mlp.gate_proj, mlp.up_proj)
+        if self.gate_up_proj is None:  # quantized projections: keep them apart
+            self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
+        self.down_proj, self.use_triton = mlp.down_proj, use_triton
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is None:
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        else:
+            gate_up = self.gate_up_proj(x)  # (..., 2F) = [gate | up]
+        if self.use_triton:
+            from minillm.kernels.fused_layers import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class FusedAttention(nn.Module):
+    """Attention with one qkv_proj and, on CUDA, one RoPE kernel for q and k."""
+
+    def __init__(self, attn: Attention, use_triton: bool):
+        super().__init__()
+        for name in ("layer_idx", "num_heads", "num_kv_heads", "head_dim", "window"):
+            setattr(self, name, getattr(attn, name))
+        self.qkv_proj = _concat_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+        if self.qkv_proj is None:
+            self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.o_proj, self.q_norm, self.k_norm = attn.o_proj, attn.q_norm, attn.k_norm
+        self.use_triton = use_triton
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        else:
+            qkv = self.qkv_proj(x)  # (..., (H + 2 Hkv) D)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        shape = x.shape[:-1]
+        q, k, v = q.view(*shape, H, D), k.view(*shape, Hkv, D), v.view(*shape, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x, cos, sin, backend="sdpa", cache=None, attn_metadata=None):
+        if attn_metadata is not None:  # packed (N, C)
+            q, k, v = self._qkv(x)  # (N, H, D), (N, Hkv, D)
+            if self.use_triton:
+                from minillm.kernels.fused_layers import rotary_
+
+                rotary_(q, k, cos, sin)  # in place, in the qkv_proj output
+            else:
+                q, k = rotate_packed(q, cos, sin), rotate_packed(k, cos, sin)
+            y = attn_metadata.attend(self.layer_idx, q, k, v, self.window)
+            return self.o_proj(y.reshape(x.shape[0], -1))
+        B, T, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))  # (B, H|Hkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = attention(q, k, v, window=self.window, backend=backend)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FusedDecoderLayer(nn.Module):
+    """A decoder layer of fused modules; the second norm carries the residual add."""
+
+    def __init__(self, layer: nn.Module, use_triton: bool):
+        super().__init__()
+        self.input_layernorm = FusedRMSNorm(layer.input_layernorm, use_triton)
+        self.self_attn = FusedAttention(layer.self_attn, use_triton)
+        self.post_attention_layernorm = FusedRMSNorm(layer.post_attention_layernorm, use_triton)
+        self.mlp = FusedMLP(layer.mlp, use_triton)
+
+    def forward(self, x, cos, sin, backend, cache=None, attn_metadata=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, backend, cache, attn_metadata)
+        normed, h = self.post_attention_layernorm(a, residual=x)  # h = x + a
+        return h + self.mlp(normed)

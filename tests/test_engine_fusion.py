@@ -1,0 +1,162 @@
+"""Fused layers and the CUDA paths of the engine: the fused Triton kernels against their
+PyTorch twins (CPU interpreter; bf16 on the GPU), injected models against the originals
+(every architecture switch), the engine's Triton attention path through the interpreter,
+CUDA graphs against eager steps (GPU), and int8 weights through the quantization API."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ARCHS, make_hf_model
+
+import minillm
+from minillm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from minillm.engine.fusion import FusedDecoderLayer
+from minillm.engine.inject import inject_fused_modules
+from minillm.layers.norm import rms_norm as rms_norm_ref
+from minillm.layers.rotary import apply_rotary
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kernel_cases(device, dtype):
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    return randn
+
+
+@pytest.mark.parametrize(
+    "device, dtype, tol",
+    [
+        ("cpu", torch.float32, 2e-6),  # the interpreter computes in fp32: rounding only
+        pytest.param("cuda", torch.bfloat16, 1e-2, marks=pytest.mark.gpu),  # one bf16 ulp
+    ],
+)
+def test_fused_kernels_match_their_pytorch_twins(device, dtype, tol):
+    from minillm.kernels.fused_layers import rms_norm, rotary_, silu_and_mul
+
+    randn = kernel_cases(device, dtype)
+    x, r, w = randn(7, 96), randn(7, 96), 1 + 0.1 * randn(96)  # 96: not a power of 2
+    assert torch.allclose(rms_norm(x, w, 1e-5).float(), rms_norm_ref(x, w, 1e-5).float(),
+                          atol=tol, rtol=tol)  # fmt: skip
+    y, h = rms_norm(x, w, 1e-5, residual=r)
+    assert torch.allclose(h.float(), (x + r).float(), atol=tol, rtol=tol)
+    assert torch.allclose(y.float(), rms_norm_ref(x + r, w, 1e-5).float(), atol=tol, rtol=tol)
+    q, k, angles = randn(5, 6, 32), randn(5, 2, 32), randn(5, 16).float()
+    angles = torch.cat((angles, angles), -1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expect_q = apply_rotary(q.transpose(0, 1), cos, sin).transpose(0, 1)
+    expect_k = apply_rotary(k.transpose(0, 1), cos, sin).transpose(0, 1)
+    rotary_(q, k, cos, sin)
+    assert torch.allclose(q.float(), expect_q.float(), atol=tol, rtol=tol)
+    assert torch.allclose(k.float(), expect_k.float(), atol=tol, rtol=tol)
+    gu = randn(3, 2 * 1100)  # F = 1100 spans two programs of 1024
+    expect = F.silu(gu[:, :1100]) * gu[:, 1100:]
+    assert torch.allclose(silu_and_mul(gu).float(), expect.float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul(randn(2, 5))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_injected_model_matches_the_original(tmp_path, arch, use_triton):
+    """Every switch (biases, q/k norm, sliding window, GQA) through the fused modules: the
+    plain forward, the KV-cache path and the packed paged path."""
+    path = tmp_path / arch
+    make_hf_model(arch).save_pretrained(path)
+    ref = minillm.load_model(path)
+    fused = inject_fused_modules(minillm.load_model(path), use_triton=use_triton)
+    assert all(isinstance(layer, FusedDecoderLayer) for layer in fused.model.layers)
+    ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(fused(ids), ref(ids), atol=1e-5)
+        cache_ref = minillm.cache.StaticKVCache(ref.config, 2, 32)
+        cache = minillm.cache.StaticKVCache(ref.config, 2, 32)
+        ref(ids[:, :15], None, cache_ref)
+        fused(ids[:, :15], None, cache)
+        assert torch.allclose(fused(ids[:, 15:], None, cache), ref(ids[:, 15:], None, cache_ref),
+                              atol=1e-5)  # fmt: skip
+    if use_triton:  # the engine over the fused model, Triton everywhere (interpreter)
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        engine = LLMEngine(fused, config=EngineConfig(block_size=16, max_num_batched_tokens=16),
+                           use_triton=True)  # fmt: skip
+        prompts = [ids[0].tolist(), ids[1, :3].tolist()]
+        for p, out in zip(prompts, _run(engine, prompts, params), strict=True):
+            assert out.outputs[0].token_ids == minillm.generate_cached(ref, p, params)[0].token_ids
+
+
+def _run(engine, prompts, params):
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return [done[i] for i in ids]
+
+
+def test_engine_with_fused_layers_equals_the_reference():
+    llm = LLM("minillm-tiny-draft", fuse=True, block_size=8, max_num_batched_tokens=32)
+    model = minillm.load_model("minillm-tiny-draft")
+    tok = llm.tokenizer
+    prompts = ["def add(a, b):", "import os\nimport sys\n\n\ndef main(argv):\n    ", "x"]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
+        ref = minillm.generate_cached(model, tok.encode(prompt), params)[0].token_ids
+        assert out.outputs[0].token_ids == ref
+
+
+def test_int8_weights_through_the_quantizer_interface():
+    pytest.importorskip("minillm.quant.rtn")
+    from minillm.quant import footprint
+
+    llm = LLM("minillm-tiny", quantization="int8", fuse=True, block_size=8)
+    fp = footprint(llm.engine.model)
+    assert fp.bits_per_linear_weight < 9  # int8 codes plus per-channel scales
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    (out,) = llm.generate("def add(a, b):", params)
+    prompt = llm.tokenizer.encode("def add(a, b):")
+    ref = minillm.generate_cached(minillm.load_model("minillm-tiny"), prompt, params)[0].token_ids
+    agree = sum(a == b for a, b in zip(out.outputs[0].token_ids, ref, strict=True))
+    assert agree >= 8  # int8 per channel barely moves a trained model's greedy choices
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [False, True])
+def test_cuda_graphs_replay_the_eager_steps(fuse):
+    """The same greedy tokens from CUDA-graph decode steps as from eager ones (fp32 on the
+    GPU: the Triton kernels in full precision), and from the reference loop."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = ["def add(a, b):", "class Stack:", "import os\n", "for i in range(10):"] * 3
+    outs = {}
+    for graphs in (True, False):
+        llm = LLM("minillm-tiny", device="cuda", dtype=torch.float32, fuse=fuse,
+                  cuda_graphs=graphs, max_num_seqs=8)  # fmt: skip
+        outs[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        runner = llm.engine.runner
+        assert (runner.num_graph_steps > 0) == graphs
+    assert outs[True] == outs[False]
+    model = minillm.load_model("minillm-tiny", device="cuda")
+    ref = minillm.generate_cached(model, llm.tokenizer.encode(prompts[0]), params)[0].token_ids
+    assert outs[True][0] == ref
+
+
+@pytest.mark.gpu
+def test_speculative_greedy_on_the_gpu_equals_the_target():
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = ["def add(a, b):", "class Stack:", "import os\n"]
+    plain = LLM("minillm-tiny", device="cuda", dtype=torch.float32)
+    spec = LLM("minillm-tiny", device="cuda", dtype=torch.float32, fuse=True,
+               draft_model="minillm-tiny-draft", num_speculative_tokens=4)  # fmt: skip
+    a = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    b = [o.outputs[0].token_ids for o in spec.generate(prompts, params)]
+    assert a == b and spec.engine.spec.num_accepted > 0
+    assert spec.engine.runner.num_graph_steps > 0

@@ -172,3 +172,23 @@ def test_stream_yields_the_text_of_generate(model):
     assert [t for d in deltas for t in d.token_ids] == full.outputs[0].token_ids
     assert deltas[-1].finish_reason == full.outputs[0].finish_reason
     assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_static_decode_buffers_and_multi_step(model, workload, steps):
+    """The CUDA-graph decode path (static buffers, greedy feedback, lookahead blocks) run
+    eagerly on the CPU: the same tokens, with S steps per engine step, through
+    preemptions."""
+    reqs, refs = workload
+    config = EngineConfig(block_size=8, max_num_seqs=16, num_kv_blocks=40, max_model_len=200,
+                          num_scheduler_steps=steps)  # fmt: skip
+    engine = LLMEngine(model, config=config)
+    engine.enable_decode_graphs(capture=False)
+    llm = LLM.__new__(LLM)
+    llm.engine, llm.tokenizer = engine, None
+    outs = llm.generate([p for p, _ in reqs[:40]], [q for _, q in reqs[:40]])
+    for i, (out, ref) in enumerate(zip(outs, refs[:40], strict=False)):
+        assert out.outputs[0].token_ids == ref.token_ids, f"request {i}"
+    assert engine.runner.num_graph_steps > 0 and engine.scheduler.num_preemptions > 0
+    assert (engine.num_multi_steps > 0) == (steps > 1)
+    assert_no_leak(engine)

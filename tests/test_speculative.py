@@ -90,13 +90,14 @@ def pair():
 
 
 @pytest.mark.parametrize(
-    "k, config",
+    "k, config, graphs",
     [
-        (4, dict()),
-        (2, dict(max_num_batched_tokens=40, num_kv_blocks=40, max_model_len=240)),  # preempts
+        (4, dict(), False),
+        (3, dict(), True),  # decode steps through the CUDA-graph buffers, run eagerly
+        (2, dict(max_num_batched_tokens=40, num_kv_blocks=40, max_model_len=240), False),
     ],
 )
-def test_greedy_speculative_equals_the_target(pair, k, config):
+def test_greedy_speculative_equals_the_target(pair, k, config, graphs):
     target, draft = pair
     tok = minillm.load_tokenizer("minillm-tiny")
     tokens = tok.encode("\n".join(shipped_heldout_documents()[:20]))
@@ -112,6 +113,8 @@ def test_greedy_speculative_equals_the_target(pair, k, config):
     engine = LLMEngine(target, config=EngineConfig(block_size=8, num_speculative_tokens=k,
                                                    max_num_seqs=12, **config),
                        draft_model=draft)  # fmt: skip
+    if graphs:
+        engine.enable_decode_graphs(capture=False)
     outs = run(engine, prompts, params)
     for i, (out, prompt, p) in enumerate(zip(outs, prompts, params, strict=True)):
         ref = minillm.generate_cached(target, prompt, p)[0]
@@ -120,6 +123,7 @@ def test_greedy_speculative_equals_the_target(pair, k, config):
     spec = engine.spec
     assert spec.num_rounds > 0 and 0 < spec.num_accepted < spec.num_drafted
     assert not engine.bm.seqs and engine.bm.num_free_blocks == engine.bm.num_blocks
+    assert (engine.runner.num_graph_steps > 0) == graphs
     if "num_kv_blocks" in config:
         assert engine.scheduler.num_preemptions > 0
         assert engine.scheduler.num_partial_prefills > 0

@@ -42,6 +42,9 @@ class EngineConfig:
     sort_by_length: static batching takes waiting prompts longest first (CTranslate2's
         batch reordering), so that a batch holds prompts of similar lengths.
     num_speculative_tokens: k > 0 turns on speculative decoding with a draft model.
+    num_scheduler_steps: S > 1 lets a batch of greedy decodes run S steps on the GPU per
+        engine step (vLLM's multi-step scheduling: each step's argmax feeds the next inside
+        the CUDA graph, so the CPU schedules once per S tokens). CUDA graphs only.
     cuda_graphs: capture decode steps in CUDA graphs (CUDA only).
     cuda_graph_max_batch: the largest decode batch that runs as a graph.
     """
@@ -57,6 +60,7 @@ class EngineConfig:
     scheduling: str = "continuous"
     sort_by_length: bool = False
     num_speculative_tokens: int = 0
+    num_scheduler_steps: int = 1
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
 
@@ -71,6 +75,11 @@ class EngineConfig:
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 16:
             raise ValueError(f"num_speculative_tokens must be an integer in [0, 16], got {k!r}")
+        S = self.num_scheduler_steps
+        if isinstance(S, bool) or not isinstance(S, int) or not 1 <= S <= 16:
+            raise ValueError(f"num_scheduler_steps must be an integer in [1, 16], got {S!r}")
+        if k and S > 1:
+            raise ValueError("num_scheduler_steps > 1 and speculative decoding exclude each other")
         if self.scheduling not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling must be one of {SCHEDULING_POLICIES}, got {self.scheduling!r}"
@@ -95,7 +104,7 @@ class EngineConfig:
                 f"without chunked prefill a whole prompt runs in one step: "
                 f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_len})"
             )
-        need = 1 + self.num_speculative_tokens  # one decode step of one sequence
+        need = max(1 + self.num_speculative_tokens, self.num_scheduler_steps)  # one sequence
         if budget < need:
             raise ValueError(f"max_num_batched_tokens ({budget}) must be >= {need}")
         return EngineConfig(**{**self.__dict__, "max_model_len": max_len,

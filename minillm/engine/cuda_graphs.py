@@ -12,6 +12,12 @@ sequences runs in the smallest captured size >= b, the padding rows writing no K
 (slot -1) and attending to one key. Nothing in the captured forward may synchronize with
 the host: the decode kernels get the context bound (`max_model_len`) up front, and
 bounds checks are off (the scheduler built the tables).
+
+Each graph also ends with the greedy choice and its feedback: the argmax becomes the next
+step's token id, positions and context lengths advance, and the slot of the next position
+is looked up in the block table, all on the GPU. Replaying the graph S times then decodes
+S greedy tokens without the CPU (`run_steps`: vLLM's multi-step scheduling), provided the
+block tables reach S - 1 positions further (the engine's lookahead blocks).
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import torch
 
 from minillm.layers.attention_metadata import AttentionMetadata
 
+MAX_STEPS = 16
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
 
 
 class CUDAGraphs:
     """One captured decode forward per batch size up to `max_batch`, for one model runner."""
 
-    def __init__(self, runner, max_batch: int, max_blocks: int):
+    def __init__(self, runner, max_batch: int, max_blocks: int, capture: bool = True):
         self.runner, self.model = runner, runner.model
         self.sizes = [s for s in BATCH_SIZES if s < max_batch] + [max_batch]
         device, n = runner.device, self.sizes[-1]
@@ -36,18 +43,35 @@ class CUDAGraphs:
         self.meta[2].fill_(-1)  # padding rows store nothing
         self.meta[3].fill_(1)  # ... and attend to one key
         self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.valid = torch.zeros(n, dtype=torch.bool, device=device)  # False: padding row
+        self.steps = torch.zeros(MAX_STEPS, n, dtype=torch.int64, device=device)  # argmaxes
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)  # replays so far
+        self.block_size = runner.block_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self._capture()
+        self.capture = capture  # False: run the same static-buffer steps eagerly (tests, CPU)
+        if capture:
+            self._capture()
 
     def _forward(self, size: int) -> torch.Tensor:
         ids, pos, slots, lens = self.meta[:, :size]
         md = AttentionMetadata(
             kv_cache=self.runner.kv_cache, slot_mapping=slots, num_decodes=size,
             block_tables=self.tables[:size], context_lens=lens,
-            max_decode_context=self.runner.max_model_len, use_triton=True,
+            max_decode_context=self.runner.max_model_len, use_triton=self.runner.use_triton,
         )  # fmt: skip
-        return self.model(ids, pos, attn_metadata=md, check_inputs=False)  # (size, V)
+        logits = self.model(ids, pos, attn_metadata=md, check_inputs=False)  # (size, V)
+        best = logits.argmax(-1)  # (size,): the greedy token, fed back for the next step
+        self.steps[:, :size].index_copy_(0, self.step, best[None])
+        self.step.add_(1)
+        ids.copy_(best)
+        pos.add_(1)
+        lens.add_(1)
+        bs = self.block_size
+        index = (pos // bs).long().clamp(max=self.max_blocks - 1)  # past the end: unused
+        block = self.tables[:size].gather(1, index[:, None])[:, 0]  # (size,)
+        slots.copy_(torch.where(self.valid[:size], block * bs + pos % bs, -1))
+        return logits
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -65,8 +89,8 @@ class CUDAGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def run(self, rows) -> torch.Tensor:
-        """Replay for decode rows (one token each): logits (R, V) of the rows that want them."""
+    def _load(self, rows) -> int:
+        """Write the rows (one token each) and the padding into the static inputs."""
         b = len(rows)
         size = next(s for s in self.sizes if s >= b)
         meta = np.zeros((4, size), dtype=np.int32)
@@ -75,9 +99,34 @@ class CUDAGraphs:
         for i, r in enumerate(rows):
             meta[:, i] = (r.token_ids[0], r.start, r.slots[0], r.start + 1)
             tables[i, : len(r.block_table)] = r.block_table
-        self.meta[:, :size].copy_(torch.from_numpy(meta).pin_memory(), non_blocking=True)
-        self.tables[:size].copy_(torch.from_numpy(tables).pin_memory(), non_blocking=True)
-        self.graphs[size].replay()
-        logits = self.outputs[size][:b]
+        valid = np.arange(size) < b
+        for dst, src in ((self.meta[:, :size], meta), (self.tables[:size], tables),
+                         (self.valid[:size], valid)):  # fmt: skip
+            src = torch.from_numpy(src)
+            dst.copy_(src.pin_memory() if self.capture else src, non_blocking=self.capture)
+        self.step.zero_()
+        return size
+
+    def _replay(self, size: int) -> torch.Tensor:
+        if not self.capture:
+            self.outputs[size] = self._forward(size)
+        else:
+            self.graphs[size].replay()
+        return self.outputs[size]
+
+    def run(self, rows) -> torch.Tensor:
+        """Replay for decode rows (one token each): logits (R, V) of the rows that want them."""
+        size = self._load(rows)
+        logits = self._replay(size)[: len(rows)]
         wanted = [i for i, r in enumerate(rows) if r.num_logits]
-        return logits if len(wanted) == b else logits[wanted]
+        return logits if len(wanted) == len(rows) else logits[wanted]
+
+    def run_steps(self, rows, steps: int) -> torch.Tensor:
+        """`steps` greedy decode steps in a row: token ids (steps, B), on the GPU. Each row's
+        block table must cover positions start .. start + steps - 1."""
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
+        size = self._load(rows)
+        for _ in range(steps):
+            self._replay(size)
+        return self.steps[:steps, : len(rows)]

@@ -54,25 +54,35 @@ class LLMEngine:
         num_blocks = self._num_blocks(models)
         self.bm = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.bm)
-        # Speculative tokens may spill into scratch blocks past the block manager's pool.
-        scratch = cfg.max_num_seqs * -(-cfg.num_speculative_tokens // cfg.block_size)
-        runners = [self._runner(m, num_blocks + scratch) for m in models]
+        # Lookahead positions (speculative or multi-step) may spill into scratch blocks past
+        # the block manager's pool: per sequence, enough for the lookahead.
+        lookahead = max(cfg.num_speculative_tokens, cfg.num_scheduler_steps - 1)
+        self.scratch_block, self.scratch_per_seq = num_blocks, -(-lookahead // cfg.block_size)
+        scratch = cfg.max_num_seqs * self.scratch_per_seq
+        self.runners = runners = [self._runner(m, num_blocks + scratch) for m in models]
         self.runner = runners[0]
         self.spec = None
         if draft_model is not None and cfg.num_speculative_tokens:
             from minillm.engine.speculative import SpeculativeDecoder
 
-            self.spec = SpeculativeDecoder(self, runners[0], runners[1], num_blocks)
+            self.spec = SpeculativeDecoder(self, runners[0], runners[1])
         if on_cuda and cfg.cuda_graphs and self.use_triton:
-            k = cfg.num_speculative_tokens
-            max_blocks = -(-cfg.max_model_len // cfg.block_size) + -(-k // cfg.block_size)
-            for r, rows in zip(runners, (1 + k, 2), strict=False):  # decode rows per sequence
-                r.capture_cuda_graphs(min(cfg.max_num_seqs * rows, cfg.cuda_graph_max_batch),
-                                      max_blocks)  # fmt: skip
+            self.enable_decode_graphs()
         self.eos = tuple(model.config.eos_token_ids)
         self._requests: dict[str, tuple[list[Sequence], str | None]] = {}
         self._ids = itertools.count()
-        self.num_steps = 0
+        self.num_steps = self.num_multi_steps = 0
+
+    def enable_decode_graphs(self, capture: bool = True) -> None:
+        """Decode steps through static buffers, captured as CUDA graphs (capture=False runs
+        them eagerly: the same code path on a CPU), and multi-step decoding on top."""
+        cfg, k = self.config, self.config.num_speculative_tokens
+        max_blocks = -(-cfg.max_model_len // cfg.block_size) + self.scratch_per_seq
+        for r, rows in zip(self.runners, (1 + k, 2), strict=False):  # decode rows per sequence
+            r.capture_cuda_graphs(
+                min(cfg.max_num_seqs * rows, cfg.cuda_graph_max_batch), max_blocks, capture
+            )
+        self.scheduler.multi_step = cfg.num_scheduler_steps
 
     def _num_blocks(self, models: list[CausalLM]) -> int:
         cfg, bs = self.config, self.config.block_size
@@ -213,7 +223,58 @@ class LLMEngine:
             for s in items
         ]
 
+    def lookahead_tables(self, items: list[ScheduledSeq]) -> dict[int, list[int]]:
+        """Block tables extended with scratch blocks, for positions past the block manager's
+        (the i-th item gets its own scratch blocks for this step)."""
+        per, out = self.scratch_per_seq, {}
+        for i, it in enumerate(items):
+            first = self.scratch_block + i * per
+            out[it.seq.seq_id] = self.bm.block_table(it.seq.seq_id) + list(
+                range(first, first + per)
+            )
+        return out
+
+    def commit_lookahead(self, seq: Sequence, m: int, table: list[int]) -> None:
+        """The next m positions of `seq` were computed in their lookahead slots (via `table`):
+        add them to its blocks, and move the K/V of those that sat in scratch blocks."""
+        n, bs = seq.num_computed_tokens, self.config.block_size
+        where = [table[p // bs] * bs + p % bs for p in range(n, n + m)]
+        real = self.scheduler.grow(seq, n + m)
+        moved = [(a, b) for a, b in zip(where, real, strict=True) if a != b]
+        for runner in self.runners:
+            runner.copy_slots([a for a, _ in moved], [b for _, b in moved])
+        seq.num_computed_tokens += m
+
+    def _multi_step(self, batch: SchedulerOutput) -> bool:
+        """Run S greedy decode steps on the GPU when the whole batch qualifies."""
+        decodes, graphs = batch.decodes, self.runner.graphs
+        L = decodes[0].num_lookahead if decodes else 0
+        if not L or batch.prefills or graphs is None or not graphs.fits(len(decodes)):
+            return False
+        if any(it.num_lookahead != L for it in decodes):
+            return False
+        tables = self.lookahead_tables(decodes)
+        rows = [BatchRow(it.seq.token_ids[it.start : it.start + 1], it.start, it.slots,
+                         tables[it.seq.seq_id]) for it in decodes]  # fmt: skip
+        self.runner.num_graph_steps += L + 1
+        self.num_multi_steps += 1
+        tokens = graphs.run_steps(rows, L + 1).T.tolist()  # (B, L + 1)
+        now = time.perf_counter()
+        for it, new in zip(decodes, tokens, strict=True):
+            seq = it.seq
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+            seq.num_computed_tokens += 1
+            for t in new:
+                self.append_token(seq, t, now)
+                if seq.finished:
+                    break
+            if not seq.finished:
+                self.commit_lookahead(seq, L, tables[seq.seq_id])
+        return True
+
     def _run(self, batch: SchedulerOutput) -> None:
+        if self._multi_step(batch):
+            return
         logits = self.runner.execute(self.rows(batch.scheduled), len(batch.decodes))
         sampled = [item for item in batch.scheduled if item.samples]
         tokens = sample_tokens(logits, [i.seq for i in sampled]).tolist() if sampled else []

@@ -55,12 +55,13 @@ class ModelRunner:
         self.graphs = None  # a CUDAGraphs, set by `capture_cuda_graphs`
         self.num_graph_steps = self.num_eager_steps = 0
 
-    def capture_cuda_graphs(self, max_batch: int, max_blocks: int) -> None:
+    def capture_cuda_graphs(self, max_batch: int, max_blocks: int, capture: bool = True) -> None:
         """Capture decode steps of up to `max_batch` rows whose block tables have at most
-        `max_blocks` entries (`minillm.engine.cuda_graphs`)."""
+        `max_blocks` entries (`minillm.engine.cuda_graphs`; capture=False runs the same
+        static-buffer steps without a graph, which also works on a CPU)."""
         from minillm.engine.cuda_graphs import CUDAGraphs
 
-        self.graphs = CUDAGraphs(self, max_batch, max_blocks)
+        self.graphs = CUDAGraphs(self, max_batch, max_blocks, capture)
 
     def _tensor(self, values: list[int], dtype=torch.int64) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)

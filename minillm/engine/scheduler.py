@@ -79,6 +79,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_partial_prefills = 0  # prefill chunks that stopped short of the prompt's end
         self._reserved = 0
+        self.multi_step = 1  # S when the engine runs multi-step decodes (CUDA graphs)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -87,8 +88,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def lookahead(self, seq: Sequence) -> int:
-        """Draft tokens a decode may verify: k, fewer near max_tokens or the context's end."""
+        """Positions a decode may compute past its pending token this step: k draft tokens
+        to verify, or S - 1 more greedy steps (multi-step); fewer near max_tokens or the
+        context's end."""
         k = self.config.num_speculative_tokens
+        if not k and self.multi_step > 1 and seq.params.greedy:
+            p = seq.params
+            if p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty:
+                k = self.multi_step - 1
         if not k:
             return 0
         left = self.config.max_model_len - seq.num_tokens

@@ -91,11 +91,9 @@ class SpeculativeDecoder:
     CUDA graph can replay; accepted tokens that landed in scratch blocks are copied to the
     blocks the block manager then gives them."""
 
-    def __init__(self, engine, target: ModelRunner, draft: ModelRunner, num_bm_blocks: int):
+    def __init__(self, engine, target: ModelRunner, draft: ModelRunner):
         self.engine, self.target, self.draft = engine, target, draft
         self.k = engine.config.num_speculative_tokens
-        self.blocks_per_seq = -(-self.k // engine.config.block_size)
-        self.scratch_block = num_bm_blocks  # the first scratch block
         if target.model.config.vocab_size != draft.model.config.vocab_size:
             raise ValueError(
                 f"the draft's vocabulary ({draft.model.config.vocab_size}) differs from the "
@@ -129,12 +127,7 @@ class SpeculativeDecoder:
     def step(self, batch: SchedulerOutput) -> None:
         eng, bm = self.engine, self.engine.bm
         spec = [it for it in batch.decodes if it.num_lookahead > 0]
-        tables = {}  # block table extended with this step's scratch blocks
-        for i, it in enumerate(spec):
-            first = self.scratch_block + i * self.blocks_per_seq
-            tables[it.seq.seq_id] = bm.block_table(it.seq.seq_id) + list(
-                range(first, first + self.blocks_per_seq)
-            )
+        tables = eng.lookahead_tables(spec)  # block tables + this step's scratch blocks
         # 1. The draft catches up on the scheduled tokens (1 or 2 per decode, the prompt
         #    chunks) and proposes each speculating sequence's first token.
         rows, chunks = [], []
@@ -190,7 +183,7 @@ class SpeculativeDecoder:
         self._postprocess(batch, emitted, tables)
 
     def _postprocess(self, batch, emitted, tables) -> None:
-        eng, bs, now = self.engine, self.engine.config.block_size, time.perf_counter()
+        eng, now = self.engine, time.perf_counter()
         for it in batch.scheduled:
             seq = it.seq
             seq.first_scheduled_time = seq.first_scheduled_time or now
@@ -209,14 +202,8 @@ class SpeculativeDecoder:
             self.num_accepted += m
             seq.num_draft_tokens += it.num_lookahead
             seq.num_accepted_tokens += m
-            if not seq.finished and m:
-                table = tables[seq.seq_id]
-                where = [table[p // bs] * bs + p % bs for p in range(n, n + m)]
-                real = eng.scheduler.grow(seq, n + m)  # the accepted drafts join the blocks
-                moved = [(a, b) for a, b in zip(where, real, strict=True) if a != b]
-                for runner in (self.target, self.draft):
-                    runner.copy_slots([a for a, _ in moved], [b for _, b in moved])
-                seq.num_computed_tokens += m
+            if not seq.finished and m:  # the accepted drafts join the blocks
+                eng.commit_lookahead(seq, m, tables[seq.seq_id])
             seq.num_draft_computed = n + min(m, it.num_lookahead - 1)
 
     def _accept(self, logits, spans, drafted, qs, emitted) -> None:

@@ -123,13 +123,10 @@ class SpeculativeDecoder:
                          int(logits_last and p == start + len(tokens) - 1))
                 for p, t in enumerate(tokens, start)]  # fmt: skip
 
-    @torch.inference_mode()
-    def step(self, batch: SchedulerOutput) -> None:
-        eng, bm = self.engine, self.engine.bm
-        spec = [it for it in batch.decodes if it.num_lookahead > 0]
-        tables = eng.lookahead_tables(spec)  # block tables + this step's scratch blocks
-        # 1. The draft catches up on the scheduled tokens (1 or 2 per decode, the prompt
-        #    chunks) and proposes each speculating sequence's first token.
+    def _draft(self, batch, spec, tables):
+        """The draft catches up on the scheduled tokens (1 or 2 per decode, the prompt
+        chunks), proposes each speculating sequence's first token, then the next k - 1."""
+        bm = self.engine.bm
         rows, chunks = [], []
         for it in batch.scheduled:
             seq, end, a = it.seq, it.start + it.num_tokens, it.seq.num_draft_computed
@@ -146,7 +143,7 @@ class SpeculativeDecoder:
             active = [it for it in spec if it.num_lookahead > j]
             if not active:
                 break
-            if j > 0:  # 2. draft steps 2..k: one decode row each
+            if j > 0:  # draft steps 2..k: one decode row each
                 rows = []
                 for it in active:
                     sid = it.seq.seq_id
@@ -156,6 +153,43 @@ class SpeculativeDecoder:
             for i, it in enumerate(active):
                 drafted[it.seq.seq_id].append(tokens[i])
                 qs[it.seq.seq_id].append(None if probs is None else probs[i])
+        return drafted, qs
+
+    def _greedy_graph_drafts(self, batch, spec) -> bool:
+        graphs = self.draft.graphs
+        return bool(
+            spec and graphs is not None and not batch.prefills and graphs.fits(len(spec))
+            and all(it.seq.params.greedy for it in spec)
+        )  # fmt: skip
+
+    def _draft_on_graph(self, batch, spec, tables):
+        """Greedy drafts with the draft's decode graph: its argmax feeds the next step on the
+        GPU (`CUDAGraphs.run_steps`), so k draft tokens cost one synchronization."""
+        bm, pre = self.engine.bm, []
+        for it in batch.decodes:  # every computed token before the speculating ones' last
+            seq, a, n = it.seq, it.seq.num_draft_computed, it.start + 1
+            last = n - 1 if it.num_lookahead else n
+            rows = self._decode_rows(seq, seq.token_ids[a:last], a, bm.block_table(seq.seq_id))
+            for r in rows:
+                r.num_logits = 0
+            pre += rows
+        if pre:
+            self.draft.execute(pre, len(pre))
+        rows = [BatchRow(it.seq.token_ids[it.start : it.start + 1], it.start, it.slots,
+                         tables[it.seq.seq_id]) for it in spec]  # fmt: skip
+        steps = max(it.num_lookahead for it in spec)
+        tokens = self.draft.graphs.run_steps(rows, steps).T.tolist()  # (B, steps)
+        return {it.seq.seq_id: tokens[i][: it.num_lookahead] for i, it in enumerate(spec)}
+
+    @torch.inference_mode()
+    def step(self, batch: SchedulerOutput) -> None:
+        eng = self.engine
+        spec = [it for it in batch.decodes if it.num_lookahead > 0]
+        tables = eng.lookahead_tables(spec)  # block tables + this step's scratch blocks
+        if self._greedy_graph_drafts(batch, spec):
+            drafted, qs = self._draft_on_graph(batch, spec, tables), {}
+        else:
+            drafted, qs = self._draft(batch, spec, tables)
         # 3. The target verifies: each speculating decode as k + 1 decode rows.
         plain = [it for it in batch.decodes if it.num_lookahead == 0]
         rows = eng.rows(plain)

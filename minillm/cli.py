@@ -1,6 +1,7 @@
 """The `minillm` command (also `python -m minillm`).
 
 minillm generate --prompt "def fib(n):"     stream a completion from the bundled model
+minillm bench [--smoke]                      the engine benchmarks (JSON + plots)
 minillm info                                 versions, device, and the model's shape
 minillm corpus --out build/corpus            build the training corpus (Python stdlib)
 minillm tokenizer --out build/tokenizer      train a BPE tokenizer on the corpus
@@ -41,50 +42,96 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from minillm.generate import generate_stream
+    from minillm.engine import LLM, SamplingParams
     from minillm.loading import load_model
-    from minillm.tokenizer import load_tokenizer
 
     device = _device(args.device)
-    model = load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
+    dtype = _dtype(args.dtype, device)
+    model = load_model(args.model, dtype=dtype, device=device)
+    context = model.config.max_position_embeddings
+    from minillm.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(args.model)
     prompt_ids = tokenizer.encode(args.prompt)
-    context = model.config.max_position_embeddings
-    if len(prompt_ids) > context:
+    if len(prompt_ids) >= context:
         raise ValueError(
-            f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {context}"
+            f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {context} "
+            "allows (it must leave room for one new token)"
         )
     max_new = args.max_new_tokens
     if max_new is None:
         max_new = min(128, context - len(prompt_ids))
-    stream = generate_stream(
-        model,
-        prompt_ids,
-        max_new,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    decoder = tokenizer.stream_decoder()
+    params = SamplingParams(  # checks the flags: a clear error for each bad one
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        max_tokens=max_new,
+    )  # fmt: skip
+    spec = {}
+    if args.draft_model:
+        spec = dict(
+            draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens
+        )
+    llm = LLM(model, tokenizer, device=device, dtype=dtype, max_num_seqs=1, **spec)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
     n = 0
     t0 = time.perf_counter()
-    for token in stream:
-        n += 1
-        out.write(decoder.push(token))
+    for delta in llm.stream(prompt_ids, params):
+        n += len(delta.token_ids)
+        out.write(delta.text)
         out.flush()
-    out.write(decoder.flush() + "\n")
+    out.write("\n")
     out.flush()
     seconds = time.perf_counter() - t0
+    how = "engine: paged KV" + (", CUDA graphs" if llm.engine.runner.graphs else "")
+    if llm.engine.spec is not None:
+        s = llm.engine.spec
+        how += (
+            f", speculative k={s.k}: {1 + s.num_accepted / max(1, s.num_rounds):.2f} tokens/round"
+        )
     print(
         f"[{n} tokens in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} tokens/s; prompt "
-        f"{len(prompt_ids)} tokens; {args.model} on {device}, reference loop without KV cache]",
+        f"{len(prompt_ids)} tokens; {args.model} on {device}, {how}]",
         file=sys.stderr,
     )
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from tqdm.auto import tqdm
+
+    names = args.names or list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown}; available: {', '.join(BENCHMARKS)}")
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:  # benchmarks/ lives beside the package, in a checkout
+        sys.path.insert(0, str(root))
+    for name in tqdm(names, desc="benchmarks", unit="bench"):
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ImportError as e:
+            raise ValueError(f"benchmarks.{name} needs a source checkout of minillm: {e}") from None
+        argv = ["--smoke"] if args.smoke else []
+        if args.device and name in DEVICE_BENCHMARKS:
+            argv += ["--device", args.device]
+        if args.out:
+            argv += ["--out", str(args.out)]
+        path = module.main(argv)
+        tqdm.write(f"{name}: {path}")
+    return 0
+
+
+# `minillm bench` runs these (`python -m benchmarks.<name>` runs one).
+BENCHMARKS = {
+    "engine_decode": "batch-1 decode tokens/s vs the bandwidth roofline; HF generate (GPU)",
+    "engine_throughput": "256 mixed requests: continuous vs static batching vs HF generate",
+    "engine_chunked": "time between tokens with and without chunked prefill",
+    "engine_speculative": "speculative decoding speed-up with the bundled pair (CPU or GPU)",
+}
+DEVICE_BENCHMARKS = ("engine_throughput", "engine_speculative")
 
 
 def _version(package: str) -> str:
@@ -180,7 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1...")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    g.add_argument("--draft-model", default=None, help="speculative decoding with this draft")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens (4)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="run the engine benchmarks (JSON + plots)")
+    b.add_argument("names", nargs="*", help=f"default: all of {', '.join(BENCHMARKS)}")
+    b.add_argument("--smoke", action="store_true", help="seconds-long runs on tiny models")
+    b.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    b.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="versions, device and model shape")
     i.add_argument("--model", default=DEFAULT_MODEL, help=model_help)

@@ -160,3 +160,18 @@ def test_speculative_greedy_on_the_gpu_equals_the_target():
     b = [o.outputs[0].token_ids for o in spec.generate(prompts, params)]
     assert a == b and spec.engine.spec.num_accepted > 0
     assert spec.engine.runner.num_graph_steps > 0
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_through_sdpa_matches_the_paged_reference(window):
+    from minillm.cache.paged import paged_attention_ref
+    from minillm.layers.attention_metadata import paged_decode_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 12, 4, 2, 16, generator=g, dtype=torch.float64)
+    q = torch.randn(3, 6, 16, generator=g, dtype=torch.float64)
+    tables = torch.tensor([[3, 1, 7], [0, 5, 0], [11, 2, 9]], dtype=torch.int32)
+    lens = torch.tensor([9, 3, 12], dtype=torch.int32)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, lens, window)
+    got = paged_decode_sdpa(q, k_cache, v_cache, tables, lens, window)
+    assert torch.allclose(got, ref, atol=1e-12)

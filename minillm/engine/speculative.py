@@ -190,16 +190,23 @@ class SpeculativeDecoder:
             drafted, qs = self._draft_on_graph(batch, spec, tables), {}
         else:
             drafted, qs = self._draft(batch, spec, tables)
-        # 3. The target verifies: each speculating decode as k + 1 decode rows.
+        # 3. The target verifies: each speculating decode as k + 1 decode rows (a batch a
+        #    CUDA graph can replay), or, without graphs, as one row of k + 1 tokens (its
+        #    pages gathered once for all k + 1 queries).
         plain = [it for it in batch.decodes if it.num_lookahead == 0]
-        rows = eng.rows(plain)
+        rows, verify = eng.rows(plain), []
         for it in spec:
             sid = it.seq.seq_id
             tokens = it.seq.token_ids[it.start : it.start + 1] + drafted[sid]
-            rows += self._decode_rows(it.seq, tokens, it.start, tables[sid], logits_last=False)
-            for r in rows[-len(tokens) :]:
-                r.num_logits = 1
-        logits = self.target.execute(rows + eng.rows(batch.prefills), len(rows))
+            expanded = self._decode_rows(it.seq, tokens, it.start, tables[sid], logits_last=False)
+            if self.target.graphs is not None:
+                for r in expanded:
+                    r.num_logits = 1
+                rows += expanded
+            else:
+                slots = [r.slots[0] for r in expanded]
+                verify.append(BatchRow(tokens, it.start, slots, tables[sid], len(tokens)))
+        logits = self.target.execute(rows + verify + eng.rows(batch.prefills), len(rows))
         # 4. Accept, sample, append; accepted tokens in scratch blocks move to real blocks.
         emitted: dict[int, list[int]] = {}
         at = len(plain)

@@ -20,7 +20,9 @@ Each layer first writes the new K/V into the pool (`reshape_and_cache`), then at
 decode rows with paged decode attention, prefill rows with variable-length causal
 attention over keys gathered from the pool. On CUDA both run as Triton kernels
 (`minillm.kernels`); elsewhere the PyTorch references do (`minillm.cache.paged` and the
-model's dense attention backend, one sequence at a time). The engine builds the metadata
+model's dense attention backend, one sequence at a time; the decode rows gather their
+pages for torch's fused attention, tested against `paged_attention_ref`). The engine builds
+the metadata
 (`minillm.engine.model_runner`); the layers only call `attend`.
 """
 
@@ -29,9 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from minillm.cache.paged import PagedKVCache, paged_attention_ref, reshape_and_cache_ref
-from minillm.layers.attention import attention
+from minillm.cache.paged import PagedKVCache, gather_kv, reshape_and_cache_ref
+from minillm.layers.attention import attention, repeat_kv
 
 
 @dataclass
@@ -92,9 +95,7 @@ class AttentionMetadata:
                 num_splits=self.decode_num_splits, max_context_len=self.max_decode_context,
                 check_bounds=False,
             )  # fmt: skip
-        return paged_attention_ref(
-            q, k_cache, v_cache, self.block_tables, self.context_lens, window
-        )
+        return paged_decode_sdpa(q, k_cache, v_cache, self.block_tables, self.context_lens, window)
 
     def _prefill(self, q, k_cache, v_cache, window):
         Hkv, D = k_cache.shape[2:]
@@ -115,3 +116,27 @@ class AttentionMetadata:
             out.append(attention(qb, kb, vb, window, self.backend)[0].transpose(0, 1))
             qs, ks = qs + T, ks + S
         return torch.cat(out)  # (sum T_b, H, D)
+
+
+def paged_decode_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    window: int | None = None,
+) -> torch.Tensor:
+    """`paged_attention_ref`'s contract (q (B, H, D), one query per sequence at position
+    context_lens[b] - 1 -> (B, H, D)) through torch's fused attention: gather the pages,
+    mask each row past its length (and outside its window)."""
+    k = gather_kv(k_cache, block_tables, context_lens)  # (B, Hkv, S, D), zero padded
+    v = gather_kv(v_cache, block_tables, context_lens)
+    H, Hkv = q.shape[1], k.shape[1]
+    k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S, D)
+    pos = torch.arange(k.shape[2], device=q.device)[None, :]  # (1, S)
+    last = context_lens.to(q.device).long()[:, None] - 1  # (B, 1): the query's position
+    visible = pos <= last
+    if window is not None:
+        visible &= pos > last - window
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=visible[:, None, None])
+    return out[:, :, 0]  # (B, H, D)

@@ -1,0 +1,48 @@
+"""The engine benchmarks run end to end in their --smoke mode (tiny models, CPU, seconds),
+through `minillm bench` too, and write their JSON and plot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.parametrize(
+    "name, result",
+    [
+        ("engine_decode", "engine_decode_smoke"),
+        ("engine_throughput", "engine_throughput_cpu_smoke"),
+        ("engine_chunked", "engine_chunked_smoke"),
+        ("engine_speculative", "engine_speculative_cpu_smoke"),
+    ],
+)
+def test_benchmark_smoke(tmp_path, name, result):
+    out = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / f"{result}.json").read_text())
+    assert (tmp_path / f"{result}.png").stat().st_size > 1000
+    assert data["environment"]["torch"] and data["rows"]
+    assert not [r for r in data["rows"] if "error" in r], "a benchmark variant failed"
+    assert data["headline"] is not None
+
+
+def test_minillm_bench_runs_the_benchmarks(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "minillm", "bench", "engine_chunked", "--smoke", "--out",
+         str(tmp_path)],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "engine_chunked_smoke.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "minillm", "bench", "nope"], env=ENV,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "unknown benchmark" in bad.stderr

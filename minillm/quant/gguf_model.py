@@ -23,6 +23,7 @@ tensor on load (a plain float model) or keeps the linear layers' blocks in
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -163,32 +164,49 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
             raise GGUFFormatError(f"the metadata lacks {ARCH}.{key}")
         return md[f"{ARCH}.{key}"]
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
     embd = f.tensors.get("token_embd.weight")
-    if embd is None:
-        raise GGUFFormatError("the file has no token_embd.weight tensor")
-    scaling = RopeScaling()
-    if md.get(f"{ARCH}.rope.scaling.type") == "linear":
-        scaling = RopeScaling("linear", float(md[f"{ARCH}.rope.scaling.factor"]))
-    return ModelConfig(
-        vocab_size=embd.shape[0],
-        hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(md.get(f"{ARCH}.attention.head_count_kv", heads)),
-        head_dim=int(md.get(f"{ARCH}.attention.key_length", hidden // heads)),
-        max_position_embeddings=int(need("context_length")),
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(md.get(f"{ARCH}.rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        tie_word_embeddings="output.weight" not in f.tensors,
-        qkv_bias="blk.0.attn_q.bias" in f.tensors,
-        o_bias="blk.0.attn_output.bias" in f.tensors,
-        mlp_bias="blk.0.ffn_up.bias" in f.tensors,
-        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-    )
+    if embd is None or len(embd.shape) != 2:
+        raise GGUFFormatError("the file has no 2-D token_embd.weight tensor")
+    layers = {int(m.group(1)) for n in f.tensors if (m := re.match(r"blk\.(\d+)\.", n))}
+    try:
+        hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+        scaling = RopeScaling()
+        if md.get(f"{ARCH}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", float(md[f"{ARCH}.rope.scaling.factor"]))
+        config = ModelConfig(
+            vocab_size=embd.shape[0],
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_hidden_layers=int(need("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(md.get(f"{ARCH}.attention.head_count_kv", heads)),
+            head_dim=int(md.get(f"{ARCH}.attention.key_length", hidden // max(heads, 1))),
+            max_position_embeddings=int(need("context_length")),
+            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(md.get(f"{ARCH}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings="output.weight" not in f.tensors,
+            qkv_bias="blk.0.attn_q.bias" in f.tensors,
+            o_bias="blk.0.attn_output.bias" in f.tensors,
+            mlp_bias="blk.0.ffn_up.bias" in f.tensors,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+        )
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise GGUFFormatError(f"the llama metadata does not describe a valid model: {e}") from None
+    # the metadata must agree with the tensors before any module is built from it
+    n = config.num_hidden_layers
+    if len(layers) != n or max(layers, default=-1) != n - 1:  # i.e. layers == {0, ..., n-1}
+        raise GGUFFormatError(
+            f"{ARCH}.block_count is {config.num_hidden_layers}, but the file has tensors for "
+            f"{len(layers)} layers"
+        )
+    if embd.shape[1] != config.hidden_size:
+        raise GGUFFormatError(
+            f"token_embd.weight has rows of {embd.shape[1]}, {ARCH}.embedding_length is "
+            f"{config.hidden_size}"
+        )
+    return config
 
 
 def load_gguf(

@@ -87,13 +87,18 @@ def completion_loss(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> t
     return (nll * weights).sum() / weights.sum()
 
 
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token whose text holds a newline: generation stops at the end of the line."""
+    return [i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])]
+
+
 @torch.no_grad()
 def repr_accuracy(model: CausalLM, tokenizer, examples: list[ReprExample], max_new: int = 32):
     """Fraction of examples whose greedy completion, up to its first newline, is exact."""
-    hits = 0
+    hits, stops = 0, newline_token_ids(tokenizer)
     for ex in examples:
         ids = tokenizer.encode(ex.prompt)
-        out = tokenizer.decode(generate(model, ids, max_new, stop_token_ids=[]))
+        out = tokenizer.decode(generate(model, ids, max_new, stop_token_ids=stops))
         hits += out.split("\n")[0] == ex.target.rstrip("\n")
     return hits / len(examples)
 

@@ -17,7 +17,7 @@ import torch
 
 import minillm
 from minillm.bench import save_result
-from minillm.quant.nf4 import NF4Quantizer
+from minillm.quant.nf4 import NF4Quantizer, dequantized_copy
 from minillm.quant.qlora import add_lora, finetune_memory, merge_lora
 from minillm.quant.qlora_task import make_split, repr_accuracy, train_adapters
 
@@ -27,14 +27,16 @@ def run(model_name: str, steps: int, batch_size: int, n_eval: int, r: int, devic
     tok = minillm.load_tokenizer(model_name)
     model = NF4Quantizer().apply(minillm.load_model(model_name, device=device), progress=False)
     heldout = make_split("heldout", n_eval)
-    before = repr_accuracy(model, tok, heldout)
+    # generation dequantizes once (dequantized_copy): same weights, same outputs, faster
+    before = repr_accuracy(dequantized_copy(model), tok, heldout)
     params = add_lora(model, r=r, alpha=2 * r)
     t0 = time.perf_counter()
     losses = train_adapters(model, tok, params, steps=steps, batch_size=batch_size)
     train_seconds = time.perf_counter() - t0
-    after = repr_accuracy(model, tok, heldout)
+    evaluated = dequantized_copy(model)
+    after = repr_accuracy(evaluated, tok, heldout)
     example = heldout[0]
-    completion = tok.decode(minillm.generate(model, tok.encode(example.prompt), 32))
+    completion = tok.decode(minillm.generate(evaluated, tok.encode(example.prompt), 32))
     merged = repr_accuracy(merge_lora(model), tok, heldout)
     print(f"held-out exact match: {before:.2f} -> {after:.2f} (merged {merged:.2f})")
     return {

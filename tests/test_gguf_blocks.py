@@ -1,10 +1,8 @@
 """GGUF block formats against the `gguf` package (llama.cpp's own Python port of ggml)."""
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as G
 
 import minillm
 from minillm.quant.gguf import (
@@ -16,6 +14,9 @@ from minillm.quant.gguf import (
     use_more_bits,
 )
 from minillm.quant.gguf_blocks import LAYOUTS, GGMLType, ggml_type
+
+gguf = pytest.importorskip("gguf")  # the reference (a dependency; absent on bare GPU images)
+G = gguf.GGMLQuantizationType
 
 ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 EXACT_QUANT = ["F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1"]  # the gguf package quantizes these

@@ -169,6 +169,26 @@ class NF4Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, nf4+double-quant"
 
 
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A copy with every NF4Linear replaced by an nn.Linear holding its dequantized weight.
+
+    Same outputs (the same weights, the same matmuls), without re-dequantizing at every
+    forward: what generation loops want. Adapters (LoRA) on top are kept."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, NF4Linear):
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            linear = linear.to(m.packed.device).requires_grad_(False)
+            with torch.no_grad():
+                linear.weight.copy_(m.dequantized_weight())
+                if m.bias is not None:
+                    linear.bias.copy_(m.bias)
+            set_module(out, name, linear)
+    return out
+
+
 @dataclass
 class NF4Quantizer(Quantizer):
     """NF4 with double quantization on every linear layer but the head."""

@@ -36,7 +36,7 @@ def run(model_name: str, steps: int, batch_size: int, n_eval: int, r: int, devic
     evaluated = dequantized_copy(model)
     after = repr_accuracy(evaluated, tok, heldout)
     example = heldout[0]
-    completion = tok.decode(minillm.generate(evaluated, tok.encode(example.prompt), 32))
+    completion = tok.decode(minillm.generate(evaluated, tok.encode(example.prompt), 64))
     merged = repr_accuracy(merge_lora(model), tok, heldout)
     print(f"held-out exact match: {before:.2f} -> {after:.2f} (merged {merged:.2f})")
     return {

@@ -93,7 +93,7 @@ def newline_token_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def repr_accuracy(model: CausalLM, tokenizer, examples: list[ReprExample], max_new: int = 32):
+def repr_accuracy(model: CausalLM, tokenizer, examples: list[ReprExample], max_new: int = 64):
     """Fraction of examples whose greedy completion, up to its first newline, is exact."""
     hits, stops = 0, newline_token_ids(tokenizer)
     for ex in examples:
@@ -129,7 +129,7 @@ def train_adapters(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if callback is not None:
             callback(step, losses[-1])
     model.eval()

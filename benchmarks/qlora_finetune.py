@@ -22,27 +22,35 @@ from minillm.quant.qlora import add_lora, finetune_memory, merge_lora
 from minillm.quant.qlora_task import make_split, repr_accuracy, train_adapters
 
 
-def run(model_name: str, steps: int, batch_size: int, n_eval: int, r: int, device: str) -> dict:
+def run(
+    model_name: str,
+    steps: int,
+    batch_size: int,
+    n_eval: int,
+    r: int,
+    device: str,
+    max_new: int = 64,
+) -> dict:
     torch.manual_seed(0)
     tok = minillm.load_tokenizer(model_name)
     model = NF4Quantizer().apply(minillm.load_model(model_name, device=device), progress=False)
     heldout = make_split("heldout", n_eval)
     # generation dequantizes once (dequantized_copy): same weights, same outputs, faster
-    before = repr_accuracy(dequantized_copy(model), tok, heldout)
+    before = repr_accuracy(dequantized_copy(model), tok, heldout, max_new)
     params = add_lora(model, r=r, alpha=2 * r)
     t0 = time.perf_counter()
     losses = train_adapters(model, tok, params, steps=steps, batch_size=batch_size)
     train_seconds = time.perf_counter() - t0
     evaluated = dequantized_copy(model)
-    after = repr_accuracy(evaluated, tok, heldout)
+    after = repr_accuracy(evaluated, tok, heldout, max_new)
     example = heldout[0]
-    completion = tok.decode(minillm.generate(evaluated, tok.encode(example.prompt), 64))
-    merged = repr_accuracy(merge_lora(model), tok, heldout)
+    completion = tok.decode(minillm.generate(evaluated, tok.encode(example.prompt), max_new))
+    merged = repr_accuracy(merge_lora(model), tok, heldout, max_new)
     print(f"held-out exact match: {before:.2f} -> {after:.2f} (merged {merged:.2f})")
     return {
         "model": model_name, "steps": steps, "batch_size": batch_size, "lora_rank": r,
         "trainable_params": sum(p.numel() for p in params),
-        "base_params": model.num_parameters(), "losses": losses,
+        "base_params": model.config.num_parameters(), "losses": losses,
         "heldout_examples": n_eval, "exact_match_before": before, "exact_match_after": after,
         "exact_match_merged": merged, "ratio_after_to_before": after / max(before, 1e-9),
         "train_seconds": train_seconds, "example_prompt": example.prompt,
@@ -78,7 +86,7 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     if args.smoke:
-        result = run("minillm-tiny-draft", 2, 2, 2, 4, args.device)
+        result = run("minillm-tiny-draft", 2, 2, 1, 4, args.device, max_new=4)
     else:
         result = run("minillm-tiny", args.steps, 16, 40, 16, args.device)
     name = "qlora_finetune_smoke" if args.smoke else "qlora_finetune"

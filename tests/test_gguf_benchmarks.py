@@ -2,10 +2,24 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from benchmarks import gguf_perplexity, nf4_dequant, qlora_finetune
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    """A benchmark script as a module, without putting the repository root on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gguf_perplexity, nf4_dequant, qlora_finetune = (
+    load(n) for n in ("gguf_perplexity", "nf4_dequant", "qlora_finetune")
+)
 
 
 def test_gguf_perplexity_smoke(tmp_path):

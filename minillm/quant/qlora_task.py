@@ -27,10 +27,18 @@ from minillm.model import CausalLM
 
 TRAIN_CLASSES = ["Point", "Node", "Config", "Record", "Item", "Entry", "Vector", "Task",
                  "Event", "Job", "Token", "Frame", "Layer", "Batch", "Span", "Cell", "Edge",
-                 "Rule", "Step", "Order", "Account", "Message", "Packet", "Query"]  # fmt: skip
+                 "Rule", "Step", "Order", "Account", "Message", "Packet", "Query", "Book",
+                 "Album", "Window", "Button", "Client", "Server", "Request", "Response",
+                 "Worker", "Stream", "Buffer", "Matrix", "Graph", "Tree", "Queue", "Cache",
+                 "Profile", "Report", "Sample", "Signal", "Shape", "Tile", "Unit",
+                 "Wallet"]  # fmt: skip
 TRAIN_FIELDS = ["name", "size", "value", "path", "count", "items", "key", "data", "mode",
                 "parent", "index", "label", "color", "width", "height", "owner", "level",
-                "kind", "title", "user", "start", "end", "text", "score"]  # fmt: skip
+                "kind", "title", "user", "start", "end", "text", "score", "age", "email",
+                "rows", "cols", "depth", "limit", "offset", "total", "status", "code",
+                "source", "target", "origin", "length", "format", "version", "tags", "url",
+                "left", "right", "top", "bottom", "timeout", "retries", "channel",
+                "message"]  # fmt: skip
 HELDOUT_CLASSES = ["Circle", "Invoice", "Sensor", "Ticket", "Module", "Route", "Image", "Player"]
 HELDOUT_FIELDS = ["radius", "amount", "price", "port", "host", "weight", "speed", "state"]
 
@@ -44,6 +52,11 @@ class ReprExample:
 def make_example(rng: np.random.Generator, classes: list[str], fields: list[str]) -> ReprExample:
     cls = str(rng.choice(classes))
     names = [str(f) for f in rng.choice(fields, size=int(rng.integers(1, 4)), replace=False)]
+    if rng.random() < 0.3:  # compound identifiers too: copying, not memorizing, is the task
+        i = int(rng.integers(len(names)))
+        names[i] = f"{names[i]}_{rng.choice([f for f in fields if f not in names])}"
+    if rng.random() < 0.3:
+        cls += str(rng.choice(classes))
     init = "".join(f"        self.{f} = {f}\n" for f in names)
     prompt = (
         f"class {cls}:\n    def __init__(self, {', '.join(names)}):\n{init}\n"

@@ -38,6 +38,7 @@ def test_codebook_is_normal_quantiles_with_an_exact_zero():
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (optional check)")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside bitsandbytes' import
 def test_codebook_and_blocks_agree_with_bitsandbytes():
     import bitsandbytes.functional as bnbf
 

@@ -1,6 +1,7 @@
 """GGUF files: export, read back through `gguf.GGUFReader` and our reader, import, bad input."""
 
 import copy
+
 import numpy as np
 import pytest
 import torch

@@ -58,7 +58,7 @@ test: lint book-deps browser-deps
 # MathJax for offline math in the book, from the npm registry.
 MATHJAX := build/npm/node_modules/mathjax/es5/tex-chtml.js
 $(MATHJAX):
-	npm install --prefix build/npm mathjax@3 --no-audit --no-fund --loglevel=error
+	npm install --prefix build/npm mathjax@3.2.2 --no-audit --no-fund --loglevel=error
 
 book-deps: $(VENV)/.installed-dev $(MATHJAX)
 

@@ -67,6 +67,8 @@ def test_book_builds_with_every_internal_link_resolving(book):
     _, html = book
     assert (html / "index.html").exists() and (html / "notebooks" / "00_tour.html").exists()
     assert broken_links(html) == []
+    for solution in (ROOT / "solutions").glob("*.ipynb"):  # the exercise list is generated
+        assert f"exercises/{solution.name}" in (html / "exercises.html").read_text()
     # math is vendored, not fetched: the pages load MathJax from the site itself
     assert 'src="_static/mathjax/tex-chtml.js' in (html / "intro.html").read_text()
     assert (html / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
@@ -232,3 +234,39 @@ def _check_math(page, problem) -> None:
     for raw in ("$$", "\\(", "\\["):
         if raw in text.replace("`$$`", ""):
             problem(f"raw math delimiter {raw!r} in the page text")
+
+
+def test_committed_benchmark_results_get_a_page(tmp_path, monkeypatch):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "kv_cache.json").write_text(
+        '{"benchmark": "kv_cache", "environment": {"device": "NVIDIA H200", "torch": "2.11",'
+        ' "date": "2026-11-28"}, "speedup": 12.3456, "rows": [{"T": 1}], "note": "a|b"}'
+    )
+    (results / "kv_cache.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (results / "README.txt").write_text("not a result")
+    shutil.copytree(ROOT / "book", tmp_path / "book")
+    try:
+        monkeypatch.setenv("MINILLM_MATHJAX_DIR", str(find_mathjax(ROOT)))
+    except FileNotFoundError:
+        (tmp_path / "mj").mkdir()
+        (tmp_path / "mj" / "tex-chtml.js").write_text("")
+        monkeypatch.setenv("MINILLM_MATHJAX_DIR", str(tmp_path / "mj"))
+        monkeypatch.setattr("minillm.exercises.book.MATHJAX_PARTS", ("tex-chtml.js",))
+    src = assemble(tmp_path, {}, tmp_path / "src")
+    page = (src / "benchmarks.md").read_text()
+    assert "## kv_cache" in page and "NVIDIA H200; torch 2.11; 2026-11-28" in page
+    assert "![kv_cache](benchmarks/results/kv_cache.png)" in page
+    assert "| speedup | 12.35 |" in page and "| note | a\\|b |" in page and "rows" not in page
+    assert (src / "benchmarks" / "results" / "kv_cache.png").exists()
+    assert not (src / "benchmarks" / "results" / "README.txt").exists()
+    assert "- file: benchmarks" in (src / "_toc.yml").read_text()
+    assert (src / "_vendor" / "mathjax" / "tex-chtml.js").exists()
+    assert (src / "exercise_list.md").read_text() == "No exercise has been published yet.\n"
+
+
+def test_without_benchmark_results_there_is_no_empty_page(tmp_path):
+    from minillm.exercises.book import benchmark_page
+
+    (tmp_path / "results").mkdir()
+    assert benchmark_page(tmp_path / "results") is None

@@ -6,7 +6,6 @@ exercise as shipped fails every graded cell, and passes once its solution code i
 back. For the warm-up, a wrong answer fails exactly the cells that check it, by name.
 """
 
-import functools
 import json
 import os
 import shutil
@@ -225,10 +224,10 @@ def test_check_fails_on_hand_edits_stray_exercises_and_unregistered_notebooks(tm
 # ---------------------------------------------------------------- grading with nbval
 
 
-def _grade(paths: list[Path], *, plugin: bool) -> tuple[subprocess.CompletedProcess, dict]:
+def _grade(paths: list[Path], folder: Path, *, plugin: bool):
     """Run the learner's command (`pytest --nbval-lax --nbval-sanitize-with ...`) from the
     repo root; return the process and {notebook: [cell results]} from the summary plugin."""
-    report = Path(tempfile.mkdtemp(dir=ROOT / "build")) / "grades.json"
+    report = folder / f"grades-{len(list(folder.glob('grades-*')))}.json"
     cmd = [
         sys.executable,
         "-m",
@@ -252,7 +251,7 @@ def _grade(paths: list[Path], *, plugin: bool) -> tuple[subprocess.CompletedProc
 
 def _wrong_warmup(folder: Path) -> Path | None:
     """The warm-up with its solutions put back, except a softmax that ignores temperature."""
-    if not (ROOT / "solutions" / "01_warmup.ipynb").exists():
+    if "01_warmup.ipynb" not in NAMES:
         return None
     sol = read_notebook(ROOT / "solutions" / "01_warmup.ipynb")
     nb = put_back_solutions(read_notebook(ROOT / "exercises" / "01_warmup.ipynb"), sol)
@@ -263,11 +262,12 @@ def _wrong_warmup(folder: Path) -> Path | None:
     return path
 
 
-@functools.cache
-def graded() -> dict:
+@pytest.fixture(scope="module")
+def graded():
     """Two grader runs for every shipped exercise: the solutions and the exercises with their
     solution code put back (must pass), and the exercises as shipped plus one wrong answer
-    (must fail). One pytest process each, so the cost is the kernels, not pytest startups."""
+    (must fail). One pytest process each, so the cost is the kernels, not pytest startups.
+    The copies live in build/ so that the repo root stays pytest's rootdir."""
     (ROOT / "build").mkdir(exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=ROOT / "build", prefix="grading-"))
     filled = []
@@ -275,23 +275,20 @@ def graded() -> dict:
         exercise = read_notebook(ROOT / "exercises" / path.name)
         write_notebook(put_back_solutions(exercise, read_notebook(path)), folder / path.name)
         filled.append(folder / path.name)
-    passing = _grade(SOLUTIONS + filled, plugin=True)
+    passing = _grade(SOLUTIONS + filled, folder, plugin=True)
     shipped = [ROOT / "exercises" / name for name in NAMES]
     wrong = _wrong_warmup(folder)
-    # the learner's command: the summary comes from exercises/conftest.py (and -p is not
-    # needed there; the copy in build/ needs it, and the plugin must then report once)
-    failing = _grade(shipped + ([wrong] if wrong else []), plugin=wrong is not None)
-    return {"passing": passing, "failing": failing, "folder": folder}
-
-
-def _rel(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
+    # the learner's command: the summary comes from exercises/conftest.py; the copy in
+    # build/ needs -p, and with both loaded the plugin must still report once
+    failing = _grade(shipped + ([wrong] if wrong else []), folder, plugin=wrong is not None)
+    yield {"passing": passing, "failing": failing, "folder": folder.relative_to(ROOT).as_posix()}
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_solution_passes_its_own_grading(name):
-    proc, results = graded()["passing"]
+def test_solution_passes_its_own_grading(graded, name):
+    proc, results = graded["passing"]
     cells = results[f"solutions/{name}"]
     assert all(c["passed"] for c in cells), (
         proc.stdout[-3000:],
@@ -302,17 +299,17 @@ def test_solution_passes_its_own_grading(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_exercise_passes_once_its_solution_code_is_put_back(name):
-    proc, results = graded()["passing"]
-    cells = results[_rel(graded()["folder"] / name)]
+def test_exercise_passes_once_its_solution_code_is_put_back(graded, name):
+    proc, results = graded["passing"]
+    cells = results[f"{graded['folder']}/{name}"]
     assert all(c["passed"] for c in cells), [c for c in cells if not c["passed"]]
-    assert "all graded cells pass" in proc.stdout
+    assert proc.returncode == 0 and "all graded cells pass" in proc.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_exercise_fails_every_graded_cell_as_shipped(name):
-    proc, results = graded()["failing"]
+def test_exercise_fails_every_graded_cell_as_shipped(graded, name):
+    proc, results = graded["failing"]
     assert proc.returncode == 1
     graded_cells = [c for c in results[f"exercises/{name}"] if c["graded"]]
     assert graded_cells and not any(c["passed"] for c in graded_cells), graded_cells
@@ -323,14 +320,15 @@ def test_exercise_fails_every_graded_cell_as_shipped(name):
 
 @pytest.mark.slow
 @pytest.mark.skipif("01_warmup.ipynb" not in NAMES, reason="the warm-up is not shipped")
-def test_a_wrong_answer_fails_and_the_summary_names_the_cells():
-    proc, results = graded()["failing"]
-    cells = results[_rel(graded()["folder"] / "wrong_01_warmup.ipynb")]
+def test_a_wrong_answer_fails_and_the_summary_names_the_cells(graded):
+    proc, results = graded["failing"]
+    name = f"{graded['folder']}/wrong_01_warmup.ipynb"
+    cells = results[name]
     failed = [c["label"] for c in cells if c["graded"] and not c["passed"]]
     assert [label.split(":")[0] for label in failed] == ["Check 4", "Check 7"]
     assert all(c["passed"] for c in cells if not c["graded"])
-    summary = proc.stdout[proc.stdout.index("grading: build/") :]
+    summary = proc.stdout[proc.stdout.index(f"grading: {name}") :]
     assert "graded cells passed: 5 of 7" in summary
-    assert "FAIL" in summary and failed[0] in summary
+    assert f"FAIL    Cell 7  {failed[0]}" in summary
     assert "output differs from the answer key: expected 'T=0.5: matches torch: True" in summary
-    assert proc.stdout.count("grading: build/") == 1  # -p and the conftest: one report
+    assert proc.stdout.count(f"grading: {name}") == 1  # -p and the conftest: one report

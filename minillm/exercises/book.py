@@ -47,7 +47,7 @@ def find_mathjax(root: Path) -> Path:
     if not (path / "tex-chtml.js").exists():
         raise FileNotFoundError(
             f"MathJax not found in {path}: run `make book-deps` "
-            "(npm install mathjax@3), or set MINILLM_MATHJAX_DIR to its es5 folder"
+            "(npm install mathjax@3.2.2), or set MINILLM_MATHJAX_DIR to its es5 folder"
         )
     return path
 

@@ -84,8 +84,10 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .
 
 # JupyterLab at the repository root (notebooks/ and exercises/ side by side), on the tour.
+# (Jupyter refuses to run as root unless told: containers and CI machines run as root.)
 lab: $(VENV)/.installed-dev
-	$(BIN)/jupyter lab notebooks/00_tour.ipynb
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) --ServerApp.root_dir=. \
+		--LabApp.default_url=/lab/tree/notebooks/00_tour.ipynb
 
 # Rebuild the bundled models from scratch: corpus, tokenizer, target, draft.
 # Defaults are the settings of the shipped models (an H200 takes ~4 minutes each);

@@ -24,7 +24,6 @@ from minillm.exercises.convert import (
     find_regions,
     make_exercise,
     put_back_solutions,
-    restore_answer_keys,
 )
 from minillm.exercises.notebooks import is_graded, notebook_text, read_notebook, write_notebook
 
@@ -153,18 +152,51 @@ def test_an_exercise_needs_a_region_and_a_graded_cell():
         make_exercise(no_region, "solutions/x.ipynb")
 
 
-def test_keys_restores_the_official_graded_cells():
+def test_grading_uses_the_official_answer_key():
+    """A learner who ran the notebook saved their own outputs under the graded cells (and
+    may have edited a check): the grader restores the official code and outputs."""
+    from minillm.exercises.grading import MISMATCH, apply_answer_key
+
     official = make_exercise(_solution(), "solutions/05_double.ipynb")
     submission = nbformat.from_dict(json.loads(json.dumps(official)))
     graded = next(c for c in submission.cells if is_graded(c))
-    graded.source = "# NBVAL_CHECK_OUTPUT\nprint(6)"  # a learner "fixing" the check
+    graded.source = "# NBVAL_CHECK_OUTPUT\nprint(5)"
     graded.outputs[0].text = "5\n"
-    restored = restore_answer_keys(submission, official)
-    key = next(c for c in restored.cells if is_graded(c))
-    assert "double(3)" in key.source and key.outputs[0].text == "6\n"
-    submission.cells.remove(graded)
-    with pytest.raises(ValueError, match="0 graded cells, the exercise 1"):
-        restore_answer_keys(submission, official)
+    assert apply_answer_key(submission.cells, official) is None
+    assert "double(3)" in graded.source and graded.outputs[0].text == "6\n"
+
+    extra = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint('always right')")
+    submission.cells.append(extra)
+    assert apply_answer_key(submission.cells, official) == (
+        "2 graded cells where the official exercise has 1"
+    )
+    assert extra.outputs[0]["text"] == MISMATCH and graded.outputs[0]["text"] == MISMATCH
+
+
+def test_summary_labels_and_reasons():
+    from types import SimpleNamespace
+
+    from minillm.exercises.grading import cell_label, failure_reason
+
+    assert cell_label("# NBVAL_CHECK_OUTPUT\n# Check 2: top-p keeps one token\nf()", ["f"]) == (
+        "Check 2: top-p keeps one token"
+    )
+    assert cell_label("# NBVAL_CHECK_OUTPUT\nprint(rms_norm(x), g(1))", ["rms_norm", "h"]) == (
+        "checks rms_norm"
+    )
+    assert cell_label("x = compute()\n", []) == "x = compute()"
+
+    item = SimpleNamespace(
+        cell={"outputs": [nbformat.v4.new_output("stream", name="stdout", text="a: 1\nb: True\n")]},
+        test_outputs=[nbformat.v4.new_output("stream", name="stdout", text="a: 1\nb: False\n")],
+    )
+    assert failure_reason(item, "Cell outputs differ") == (
+        "output differs from the answer key: expected 'b: True', got 'b: False'"
+    )
+    traceback = "\x1b[0;31mValueError\x1b[0m: temperature must be > 0, got 0\n"
+    assert failure_reason(item, "Cell execution caused an exception\n" + traceback) == (
+        "raised ValueError: temperature must be > 0, got 0"
+    )
 
 
 # ---------------------------------------------------------------- check
@@ -250,14 +282,18 @@ def _grade(paths: list[Path], folder: Path, *, plugin: bool):
 
 
 def _wrong_warmup(folder: Path) -> Path | None:
-    """The warm-up with its solutions put back, except a softmax that ignores temperature."""
+    """The warm-up as a learner saves it after running it in JupyterLab with a softmax that
+    ignores the temperature: the wrong outputs are saved under the graded cells too."""
     if "01_warmup.ipynb" not in NAMES:
         return None
     sol = read_notebook(ROOT / "solutions" / "01_warmup.ipynb")
     nb = put_back_solutions(read_notebook(ROOT / "exercises" / "01_warmup.ipynb"), sol)
     for cell in nb.cells:
         cell.source = cell.source.replace("z = logits / temperature", "z = logits / 1.0")
-    path = folder / "wrong_01_warmup.ipynb"
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out.text = out.text.replace(": True", ": False")
+    path = folder / "learner" / "01_warmup.ipynb"  # same name: graded with the official key
     write_notebook(nb, path)
     return path
 
@@ -322,13 +358,13 @@ def test_exercise_fails_every_graded_cell_as_shipped(graded, name):
 @pytest.mark.skipif("01_warmup.ipynb" not in NAMES, reason="the warm-up is not shipped")
 def test_a_wrong_answer_fails_and_the_summary_names_the_cells(graded):
     proc, results = graded["failing"]
-    name = f"{graded['folder']}/wrong_01_warmup.ipynb"
+    name = f"{graded['folder']}/learner/01_warmup.ipynb"
     cells = results[name]
     failed = [c["label"] for c in cells if c["graded"] and not c["passed"]]
     assert [label.split(":")[0] for label in failed] == ["Check 4", "Check 7"]
     assert all(c["passed"] for c in cells if not c["graded"])
     summary = proc.stdout[proc.stdout.index(f"grading: {name}") :]
-    assert "graded cells passed: 5 of 7" in summary
+    assert "answer key: solutions/01_warmup.ipynb\ngraded cells passed: 5 of 7" in summary
     assert f"FAIL    Cell 7  {failed[0]}" in summary
     assert "output differs from the answer key: expected 'T=0.5: matches torch: True" in summary
     assert proc.stdout.count(f"grading: {name}") == 1  # -p and the conftest: one report

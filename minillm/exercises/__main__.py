@@ -1,4 +1,4 @@
-"""python -m minillm.exercises {build,check,keys,strip,notebooks,book}: run from the repo root."""
+"""python -m minillm.exercises {build,check,strip,notebooks,book}: run from the repo root."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from minillm.exercises.build import build_one, check, solution_paths
-from minillm.exercises.convert import restore_answer_keys
 from minillm.exercises.notebooks import (
     Execution,
     execute_all,
@@ -29,11 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="execute solutions, store answer keys, write exercises/")
     p.add_argument("solutions", nargs="*", type=Path, help="default: solutions/*.ipynb")
     sub.add_parser("check", help="exercises in sync, notebooks follow the conventions")
-    p = sub.add_parser("keys", help="restore the official answer key in submitted copies")
-    p.add_argument(
-        "exercise", type=Path, help="the official exercise, e.g. exercises/01_warmup.ipynb"
-    )
-    p.add_argument("submissions", nargs="+", type=Path)
     p = sub.add_parser("strip", help="strip outputs of notebooks in place")
     p.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
     p = sub.add_parser("notebooks", help="execute notebooks on CPU, print each one's time")
@@ -49,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     root = args.root
-    if args.command != "keys" and not any((root / d).is_dir() for d in ("solutions", "notebooks")):
+    if not any((root / d).is_dir() for d in ("solutions", "notebooks")):
         parser.error(f"{root.resolve()} has no notebooks/ or solutions/: run from the repo root")
 
     if args.command == "build":
@@ -66,15 +60,6 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         print(f"check: {len(problems)} problem(s)" if problems else "check: ok")
         return 1 if problems else 0
-    if args.command == "keys":
-        official = read_notebook(args.exercise)
-        for path in args.submissions:
-            try:
-                write_notebook(restore_answer_keys(read_notebook(path), official), path)
-            except ValueError as e:
-                print(f"error: {path}: {e}", file=sys.stderr)
-                return 1
-        return 0
     if args.command == "strip":
         for path in _notebooks(root, args.notebooks):
             write_notebook(strip_outputs(read_notebook(path)), path)

@@ -136,7 +136,8 @@ def guide_cell(solution_path: str) -> NotebookNode:
         f"pytest --nbval-lax --nbval-sanitize-with exercises/sanitize.cfg {exercise_path}\n"
         "```\n\n"
         "The cells that start with `# NBVAL_CHECK_OUTPUT` are graded: the output saved under "
-        "each one is the answer key, and the grader reruns the notebook and compares. "
+        "each one shows the expected result, and the grader reruns the notebook and compares "
+        "with the official answer key. "
         f"(This file is generated from `{solution_path}` by `python -m minillm.exercises "
         "build`.)"
     )
@@ -187,23 +188,4 @@ def put_back_solutions(exercise: NotebookNode, solution: NotebookNode) -> Notebo
             cell.source = filled if cell.source.endswith("\n") else filled[:-1]
     if k != len(bodies):
         raise ValueError(f"the exercise has {k} stubs but its solution has {len(bodies)} regions")
-    return nb
-
-
-def restore_answer_keys(submission: NotebookNode, official: NotebookNode) -> NotebookNode:
-    """The submission with its graded cells (code and saved outputs) replaced by the
-    official exercise's, in order: what a teacher grades, so that neither the checks nor
-    the answer key can have been edited."""
-    graded = [c for c in official.cells if is_graded(c)]
-    nb = deepcopy(submission)
-    theirs = [c for c in nb.cells if is_graded(c)]
-    if len(theirs) != len(graded):
-        raise ValueError(
-            f"the submission has {len(theirs)} graded cells, the exercise {len(graded)}: "
-            "it is not a copy of this exercise (or graded cells were added or removed)"
-        )
-    for cell, key in zip(theirs, graded, strict=True):
-        cell.source = key.source
-        cell.outputs = deepcopy(key.outputs)
-        cell.execution_count = key.execution_count
     return nb

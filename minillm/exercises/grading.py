@@ -7,6 +7,12 @@ marker (`# Check 2: softmax at temperature 0.5`) or else the notebook's function
 calls. For a failure it says why in one line: the exception the cell raised, or the
 first line where the output differs from the answer key.
 
+The answer key is the official one: when `solutions/<same name>.ipynb` exists under the
+project root, every graded cell is graded with the code and saved outputs of the exercise
+generated from it, not with what the graded file holds. Running a notebook in JupyterLab
+overwrites the outputs under the graded cells with the learner's own; without this, a
+saved wrong answer would be its own key.
+
 It is active for notebooks under `exercises/` (through exercises/conftest.py); grade
 files elsewhere with `pytest -p minillm.exercises.grading --nbval-lax ...`. Set
 MINILLM_GRADING_REPORT=path.json to also get the results as JSON (one entry per cell).
@@ -17,17 +23,56 @@ from __future__ import annotations
 import json
 import os
 import re
+from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
+from nbformat import NotebookNode
 
-from minillm.exercises.notebooks import GRADED_MARKER, coalesce_streams, first_line, is_graded
+from minillm.exercises.convert import make_exercise
+from minillm.exercises.notebooks import (
+    coalesce_streams,
+    first_line,
+    is_graded,
+    read_notebook,
+    strip_outputs,
+)
 
 PLUGIN_NAME = "minillm-grading"
 SANITIZE_FILE = Path(__file__).resolve().parents[2] / "exercises" / "sanitize.cfg"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION_LINE = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Exit|Interrupt|Warning))\b.*")
+
+
+MISMATCH = "[the graded cells of this notebook do not match the official exercise]\n"
+
+
+def official_exercise(path: Path, root: Path) -> tuple[NotebookNode, str] | None:
+    """The pristine exercise generated from root/solutions/<name>, and that solution's
+    path; None when there is no such solution or `path` is that solution."""
+    solution = root / "solutions" / path.name
+    if not solution.exists() or solution.resolve() == path.resolve():
+        return None
+    rel = f"solutions/{path.name}"
+    return make_exercise(strip_outputs(read_notebook(solution), keep_graded=True), rel), rel
+
+
+def apply_answer_key(cells: list[NotebookNode], official: NotebookNode) -> str | None:
+    """Give the graded cells (in order) the official code and saved outputs. If their
+    number differs, make each one fail with a clear message; return that problem."""
+    keys = [c for c in official.cells if is_graded(c)]
+    graded = [c for c in cells if is_graded(c)]
+    if len(graded) != len(keys):
+        for cell in graded:
+            cell.outputs = [{"output_type": "stream", "name": "stdout", "text": MISMATCH}]
+            cell.execution_count = 1
+        return f"{len(graded)} graded cells where the official exercise has {len(keys)}"
+    for cell, key in zip(graded, keys, strict=True):
+        cell.source = key.source
+        cell.outputs = deepcopy(key.outputs)
+        cell.execution_count = key.execution_count
+    return None
 
 
 @dataclass
@@ -86,6 +131,20 @@ def failure_reason(item, longrepr: str) -> str:
 class GradingReporter:
     def __init__(self) -> None:
         self.results: list[CellResult] = []
+        self.keys: dict[str, str] = {}  # notebook -> where its answer key came from
+
+    def pytest_collection_modifyitems(self, session, config, items) -> None:
+        files = {id(i.parent): i.parent for i in items if hasattr(i, "cell_num")}
+        for parent in files.values():
+            name = _rel(parent.path, config.rootpath)
+            found = official_exercise(parent.path, config.rootpath)
+            if found is None:
+                self.keys[name] = "the outputs saved in the notebook"
+                continue
+            official, source = found
+            cells = [i.cell for i in items if getattr(i, "parent", None) is parent]
+            problem = apply_answer_key(cells, official)
+            self.keys[name] = f"{source} ({problem})" if problem else source
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -100,15 +159,13 @@ class GradingReporter:
             for c in nb.cells:
                 if c.cell_type == "code":
                     functions += re.findall(r"^\s*def\s+(\w+)", c.source, re.MULTILINE)
-        graded = is_graded(cell) or first_line(cell.source).startswith(GRADED_MARKER)
+        graded = is_graded(cell)
         reason = "" if report.passed else failure_reason(item, str(report.longrepr))
         if report.skipped:
             reason = "skipped"
         self.results.append(
             CellResult(
-                notebook=str(item.path.relative_to(item.config.rootpath))
-                if item.path.is_relative_to(item.config.rootpath)
-                else str(item.path),
+                notebook=_rel(item.path, item.config.rootpath),
                 cell=item.name,
                 label=cell_label(cell.source, functions),
                 graded=graded,
@@ -126,6 +183,8 @@ class GradingReporter:
             graded = [r for r in rows if r.graded]
             n_pass = sum(r.passed for r in graded)
             tr.write_sep("=", f"grading: {notebook}")
+            if notebook in self.keys:
+                tr.write_line(f"answer key: {self.keys[notebook]}")
             tr.write_line(f"graded cells passed: {n_pass} of {len(graded)}")
             for r in graded:
                 mark = "pass" if r.passed else "FAIL"
@@ -148,6 +207,10 @@ class GradingReporter:
             Path(report_path).write_text(
                 json.dumps([asdict(r) for r in self.results], indent=1) + "\n"
             )
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
 def pytest_configure(config) -> None:

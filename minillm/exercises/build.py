@@ -35,7 +35,7 @@ def _rel(path: Path, root: Path) -> str:
 def _validate_regions(nb, where: str) -> None:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            find_regions(cell.source, f"{where}, code cell {i + 1}")
+            find_regions(cell.source, f"{where}, cell {i + 1}")
 
 
 def answer_key_problems(nb, where: str) -> list[str]:

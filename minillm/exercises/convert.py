@@ -121,7 +121,7 @@ def solution_regions(nb: NotebookNode) -> list[list[str]]:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             lines = cell.source.splitlines()
-            for r in find_regions(cell.source, f"code cell {i + 1}"):
+            for r in find_regions(cell.source, f"cell {i + 1}"):
                 bodies.append(lines[r.begin + 1 : r.end])
     return bodies
 
@@ -152,8 +152,8 @@ def make_exercise(solution: NotebookNode, solution_path: str) -> NotebookNode:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
-        n_regions += len(find_regions(cell.source, f"{solution_path}, code cell {i + 1}"))
-        cell.source = exercise_source(cell.source, f"{solution_path}, code cell {i + 1}")
+        n_regions += len(find_regions(cell.source, f"{solution_path}, cell {i + 1}"))
+        cell.source = exercise_source(cell.source, f"{solution_path}, cell {i + 1}")
         n_graded += is_graded(cell)
     if n_regions == 0:
         raise ValueError(f"{solution_path}: no '{BEGIN}' region: nothing for the learner to write")

@@ -120,7 +120,7 @@ def test_exercise_keeps_the_answer_key_and_strips_the_rest():
     ex = make_exercise(_solution(), "solutions/05_double.ipynb")
     code = [c for c in ex.cells if c.cell_type == "code"]
     assert "raise NotImplementedError" in code[0].source
-    assert code[1].outputs[0].text == "6\n" and code[1].execution_count == 1
+    assert code[1].outputs[0].text == "6\n" and code[1].execution_count == 7
     assert code[2].outputs == [] and code[2].execution_count is None
     guide = ex.cells[1]
     assert guide.cell_type == "markdown" and "exercises/05_double.ipynb" in guide.source

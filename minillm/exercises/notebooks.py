@@ -106,21 +106,15 @@ def normalize_metadata(nb: NotebookNode) -> None:
 
 
 def strip_outputs(nb: NotebookNode, keep_graded: bool = False) -> NotebookNode:
-    """A copy without outputs and execution counts; graded cells keep theirs if asked,
-    renumbered 1, 2, ... in order so the file does not depend on how often it ran."""
+    """A copy without outputs and execution counts; graded cells keep theirs if asked
+    (nbval compares only cells that have an execution count)."""
     nb = deepcopy(nb)
     normalize_metadata(nb)
-    count = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         if keep_graded and is_graded(cell) and cell.get("execution_count") is not None:
-            count += 1
-            cell.execution_count = count
             cell.outputs = coalesce_streams(cell.outputs)
-            for out in cell.outputs:
-                if "execution_count" in out:
-                    out.execution_count = count
         else:
             cell.execution_count = None
             cell.outputs = []

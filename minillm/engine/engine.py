@@ -72,6 +72,7 @@ class LLMEngine:
         self._requests: dict[str, tuple[list[Sequence], str | None]] = {}
         self._ids = itertools.count()
         self.num_steps = self.num_multi_steps = 0
+        self.last_batch: SchedulerOutput | None = None  # what the last step ran
 
     def enable_decode_graphs(self, capture: bool = True) -> None:
         """Decode steps through static buffers, captured as CUDA graphs (capture=False runs
@@ -190,7 +191,7 @@ class LLMEngine:
         last time they appear). Failed requests are reported on the first step."""
         touched = {rid for rid, (seqs, _) in self._requests.items() if seqs[0].finished}
         if self.scheduler.has_unfinished():
-            batch = self.scheduler.schedule()
+            batch = self.last_batch = self.scheduler.schedule()
             if batch.is_empty:
                 raise RuntimeError("the scheduler found nothing to run (a bug: please report)")
             self.num_steps += 1

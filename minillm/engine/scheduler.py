@@ -37,12 +37,11 @@ class ScheduledSeq:
     start: int
     num_tokens: int
     slots: list[int]  # pool slots of those tokens' K/V
-    num_lookahead: int = 0  # speculative: draft tokens verified after them (decodes only)
+    num_lookahead: int = 0  # lookahead positions computed after them (decodes only)
 
-    @property
-    def samples(self) -> bool:
-        """Whether the step reaches the end of the known tokens (so a new one is sampled)."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        # Whether the step reaches the end of the known tokens (so a new one is sampled).
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass

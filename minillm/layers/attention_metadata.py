@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from minillm.cache.paged import PagedKVCache, gather_kv, reshape_and_cache_ref
-from minillm.layers.attention import attention, repeat_kv
+from minillm.cache.paged import PagedKVCache, reshape_and_cache_ref
+from minillm.layers.attention import attention
 
 
 @dataclass
@@ -95,7 +95,8 @@ class AttentionMetadata:
                 num_splits=self.decode_num_splits, max_context_len=self.max_decode_context,
                 check_bounds=False,
             )  # fmt: skip
-        return paged_decode_sdpa(q, k_cache, v_cache, self.block_tables, self.context_lens, window)
+        return paged_decode_sdpa(q, k_cache, v_cache, self.block_tables, self.context_lens, window,
+                                 self.max_decode_context or None)  # fmt: skip
 
     def _prefill(self, q, k_cache, v_cache, window):
         Hkv, D = k_cache.shape[2:]
@@ -125,18 +126,24 @@ def paged_decode_sdpa(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     window: int | None = None,
+    max_context: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention_ref`'s contract (q (B, H, D), one query per sequence at position
-    context_lens[b] - 1 -> (B, H, D)) through torch's fused attention: gather the pages,
-    mask each row past its length (and outside its window)."""
-    k = gather_kv(k_cache, block_tables, context_lens)  # (B, Hkv, S, D), zero padded
-    v = gather_kv(v_cache, block_tables, context_lens)
-    H, Hkv = q.shape[1], k.shape[1]
-    k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S, D)
-    pos = torch.arange(k.shape[2], device=q.device)[None, :]  # (1, S)
+    context_lens[b] - 1 -> (B, H, D)) through torch's fused attention: gather the pages
+    (up to `max_context` positions, else the longest context), mask each row past its
+    length (and outside its window). A kv head's group of G query heads attends as G
+    queries of one (B, Hkv) "sequence", so the keys are never repeated per query head."""
+    B, H, D = q.shape
+    block_size, Hkv = k_cache.shape[1:3]
+    S = int(context_lens.max()) if max_context is None else max_context
+    pos = torch.arange(S, device=q.device)  # (S,)
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # (B, S)
+    k = k_cache.view(-1, Hkv, D)[slots].transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_cache.view(-1, Hkv, D)[slots].transpose(1, 2)
     last = context_lens.to(q.device).long()[:, None] - 1  # (B, 1): the query's position
-    visible = pos <= last
+    visible = pos[None, :] <= last  # (B, S)
     if window is not None:
-        visible &= pos > last - window
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=visible[:, None, None])
-    return out[:, :, 0]  # (B, H, D)
+        visible &= pos[None, :] > last - window
+    qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible[:, None, None, :])
+    return out.reshape(B, H, D)

@@ -63,9 +63,18 @@ def load(s: dict, device: str):
 def run_engine(model, reqs, kv_bytes, s, progress, label, **kwargs) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
     try:
-        llm = LLM(model, None, kv_cache_memory=kv_bytes, max_model_len=s["prompts"][1]
-                  + s["outputs"][1] + 16, max_num_batched_tokens=s["budget"], **kwargs)  # fmt: skip
-        llm.generate([reqs[0][0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        llm = LLM(
+            model,
+            None,
+            kv_cache_memory=kv_bytes,
+            max_model_len=s["prompts"][1] + s["outputs"][1] + 16,
+            max_num_batched_tokens=s["budget"],
+            enable_prefix_caching=False,
+            **kwargs,
+        )  # fmt: skip (the warm-up's prompts)
+        # Warm-up: compile and autotune the kernels for a spread of prefill lengths first.
+        warm = sorted((p for p, _ in reqs[:16]), key=len)[::2]
+        llm.generate(warm, SamplingParams(temperature=0, max_tokens=4))
         sync()
         t0 = time.perf_counter()
         outs = llm.generate([p for p, _ in reqs], params)

@@ -62,8 +62,7 @@ def workload(model, tokens):
 
 def run_engine(model, reqs, **config):
     engine = LLMEngine(model, config=EngineConfig(**config))
-    llm = LLM.__new__(LLM)  # the API over an engine built here
-    llm.engine, llm.tokenizer = engine, None
+    llm = LLM.from_engine(engine)
     outs = llm.generate([p for p, _ in reqs], [params for _, params in reqs])
     return engine, outs
 
@@ -142,8 +141,7 @@ def test_n_completions_and_sampling_match_generate_cached(model, tokens):
     params = SamplingParams(n=3, temperature=0.9, top_k=50, top_p=0.9, seed=7, max_tokens=15,
                             repetition_penalty=1.2, frequency_penalty=0.3)  # fmt: skip
     engine = LLMEngine(model, config=EngineConfig(block_size=8))
-    llm = LLM.__new__(LLM)
-    llm.engine, llm.tokenizer = engine, None
+    llm = LLM.from_engine(engine)
     noise = [(tokens[100 + i : 120 + 3 * i], SamplingParams(temperature=1.0, max_tokens=9))
              for i in range(5)]  # fmt: skip
     outs = llm.generate([prompt] + [p for p, _ in noise], [params] + [q for _, q in noise])
@@ -184,8 +182,7 @@ def test_static_decode_buffers_and_multi_step(model, workload, steps):
                           num_scheduler_steps=steps)  # fmt: skip
     engine = LLMEngine(model, config=config)
     engine.enable_decode_graphs(capture=False)
-    llm = LLM.__new__(LLM)
-    llm.engine, llm.tokenizer = engine, None
+    llm = LLM.from_engine(engine)
     outs = llm.generate([p for p, _ in reqs[:40]], [q for _, q in reqs[:40]])
     for i, (out, ref) in enumerate(zip(outs, refs[:40], strict=False)):
         assert out.outputs[0].token_ids == ref.token_ids, f"request {i}"

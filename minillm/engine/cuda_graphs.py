@@ -63,7 +63,7 @@ class CUDAGraphs:
         logits = self.model(ids, pos, attn_metadata=md, check_inputs=False)  # (size, V)
         best = logits.argmax(-1)  # (size,): the greedy token, fed back for the next step
         self.steps[:, :size].index_copy_(0, self.step, best[None])
-        self.step.add_(1)
+        self.step.add_(1).remainder_(MAX_STEPS)  # in range, whatever replays the graph
         ids.copy_(best)
         pos.add_(1)
         lens.add_(1)
@@ -77,6 +77,7 @@ class CUDAGraphs:
     def _capture(self) -> None:
         pool = None
         for size in reversed(self.sizes):  # largest first: the others reuse its memory
+            self.step.zero_()
             self._forward(size)  # warm-up outside the graph: autotuning, lazy init
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()

@@ -92,6 +92,13 @@ class LLM:
         self.tokenizer = tokenizer
         self.engine = LLMEngine(target, tokenizer, config, draft, use_triton)
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """The API over an engine built by hand (e.g. with a custom `EngineConfig`)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm.tokenizer = engine, engine.tokenizer
+        return llm
+
     @staticmethod
     def _prompts(prompts) -> list:
         if isinstance(prompts, str):

@@ -21,6 +21,7 @@ import torch
 from minillm.cache.block_manager import BlockManager
 from minillm.cache.paged import PagedKVCache
 from minillm.engine.config import EngineConfig
+from minillm.engine.lookahead import run_multi_step
 from minillm.engine.model_runner import BatchRow, ModelRunner
 from minillm.engine.sampler import sample_tokens
 from minillm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -224,57 +225,8 @@ class LLMEngine:
             for s in items
         ]
 
-    def lookahead_tables(self, items: list[ScheduledSeq]) -> dict[int, list[int]]:
-        """Block tables extended with scratch blocks, for positions past the block manager's
-        (the i-th item gets its own scratch blocks for this step)."""
-        per, out = self.scratch_per_seq, {}
-        for i, it in enumerate(items):
-            first = self.scratch_block + i * per
-            out[it.seq.seq_id] = self.bm.block_table(it.seq.seq_id) + list(
-                range(first, first + per)
-            )
-        return out
-
-    def commit_lookahead(self, seq: Sequence, m: int, table: list[int]) -> None:
-        """The next m positions of `seq` were computed in their lookahead slots (via `table`):
-        add them to its blocks, and move the K/V of those that sat in scratch blocks."""
-        n, bs = seq.num_computed_tokens, self.config.block_size
-        where = [table[p // bs] * bs + p % bs for p in range(n, n + m)]
-        real = self.scheduler.grow(seq, n + m)
-        moved = [(a, b) for a, b in zip(where, real, strict=True) if a != b]
-        for runner in self.runners:
-            runner.copy_slots([a for a, _ in moved], [b for _, b in moved])
-        seq.num_computed_tokens += m
-
-    def _multi_step(self, batch: SchedulerOutput) -> bool:
-        """Run S greedy decode steps on the GPU when the whole batch qualifies."""
-        decodes, graphs = batch.decodes, self.runner.graphs
-        L = decodes[0].num_lookahead if decodes else 0
-        if not L or batch.prefills or graphs is None or not graphs.fits(len(decodes)):
-            return False
-        if any(it.num_lookahead != L for it in decodes):
-            return False
-        tables = self.lookahead_tables(decodes)
-        rows = [BatchRow(it.seq.token_ids[it.start : it.start + 1], it.start, it.slots,
-                         tables[it.seq.seq_id]) for it in decodes]  # fmt: skip
-        self.runner.num_graph_steps += L + 1
-        self.num_multi_steps += 1
-        tokens = graphs.run_steps(rows, L + 1).T.tolist()  # (B, L + 1)
-        now = time.perf_counter()
-        for it, new in zip(decodes, tokens, strict=True):
-            seq = it.seq
-            seq.first_scheduled_time = seq.first_scheduled_time or now
-            seq.num_computed_tokens += 1
-            for t in new:
-                self.append_token(seq, t, now)
-                if seq.finished:
-                    break
-            if not seq.finished:
-                self.commit_lookahead(seq, L, tables[seq.seq_id])
-        return True
-
     def _run(self, batch: SchedulerOutput) -> None:
-        if self._multi_step(batch):
+        if run_multi_step(self, batch):
             return
         logits = self.runner.execute(self.rows(batch.scheduled), len(batch.decodes))
         sampled = [item for item in batch.scheduled if item.samples]

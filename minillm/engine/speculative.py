@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from minillm.engine.lookahead import commit_lookahead, lookahead_tables
 from minillm.engine.model_runner import BatchRow, ModelRunner
 from minillm.engine.sampler import sample_tokens, token_probs
 from minillm.engine.scheduler import SchedulerOutput
@@ -185,7 +186,7 @@ class SpeculativeDecoder:
     def step(self, batch: SchedulerOutput) -> None:
         eng = self.engine
         spec = [it for it in batch.decodes if it.num_lookahead > 0]
-        tables = eng.lookahead_tables(spec)  # block tables + this step's scratch blocks
+        tables = lookahead_tables(eng, spec)  # block tables + this step's scratch blocks
         if self._greedy_graph_drafts(batch, spec):
             drafted, qs = self._draft_on_graph(batch, spec, tables), {}
         else:
@@ -244,7 +245,7 @@ class SpeculativeDecoder:
             seq.num_draft_tokens += it.num_lookahead
             seq.num_accepted_tokens += m
             if not seq.finished and m:  # the accepted drafts join the blocks
-                eng.commit_lookahead(seq, m, tables[seq.seq_id])
+                commit_lookahead(eng, seq, m, tables[seq.seq_id])
             seq.num_draft_computed = n + min(m, it.num_lookahead - 1)
 
     def _accept(self, logits, spans, drafted, qs, emitted) -> None:

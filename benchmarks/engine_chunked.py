@@ -67,9 +67,8 @@ def run_one(model, s: dict, chunked: bool, progress) -> dict:
         if step in arrivals:
             engine.add_request([rng.randrange(1, V) for _ in range(s["long_prompt"])], long)
         t = time.perf_counter()
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+        for out in engine.step(only_finished=True):
+            done[out.request_id] = out
         timeline.append(time.perf_counter() - t)
         step += 1
     sync()

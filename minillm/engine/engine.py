@@ -72,6 +72,7 @@ class LLMEngine:
         self.eos = tuple(model.config.eos_token_ids)
         self._requests: dict[str, tuple[list[Sequence], str | None]] = {}
         self._ids = itertools.count()
+        self._failed: set[str] = set()  # requests that failed when added, not yet reported
         self.num_steps = self.num_multi_steps = 0
         self.last_batch: SchedulerOutput | None = None  # what the last step ran
 
@@ -174,12 +175,14 @@ class LLMEngine:
                     f"(max_model_len): prompts of at most {limit - 1} tokens leave room to generate"
                 )
                 seq.finish("error")
+            self._failed.add(request_id)
         else:
             for seq in seqs:
                 self.scheduler.add(seq)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
+        self._failed.discard(request_id)
         for seq in self._requests.pop(request_id, ([], None))[0]:
             self.scheduler.free(seq)
 
@@ -187,10 +190,11 @@ class LLMEngine:
         return bool(self._requests)
 
     # ---- one step ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs of the requests that changed (finished ones
-        last time they appear). Failed requests are reported on the first step."""
-        touched = {rid for rid, (seqs, _) in self._requests.items() if seqs[0].finished}
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one step; returns the outputs of the requests that progressed (all of them,
+        or only those that finished: cheaper when nothing streams). A request that failed
+        when it was added is reported (finished, with its error) by the next step."""
+        touched, self._failed = self._failed, set()
         if self.scheduler.has_unfinished():
             batch = self.last_batch = self.scheduler.schedule()
             if batch.is_empty:
@@ -207,9 +211,11 @@ class LLMEngine:
         outputs = []
         for rid in sorted(touched, key=lambda r: self._requests[r][0][0].seq_id):
             seqs, prompt = self._requests[rid]
-            out = RequestOutput.from_seqs(seqs, prompt)
-            outputs.append(out)
-            if out.finished:
+            finished = all(s.finished for s in seqs)
+            if only_finished and not finished:
+                continue
+            outputs.append(RequestOutput.from_seqs(seqs, prompt))
+            if finished:
                 del self._requests[rid]
         return outputs
 

@@ -148,8 +148,8 @@ class LLM:
             bar = tqdm(total=len(ids), desc="requests", unit="req")
         try:
             while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in wanted:
+                for out in self.engine.step(only_finished=True):
+                    if out.request_id in wanted:
                         done[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

@@ -137,16 +137,16 @@ def test_cuda_graphs_replay_the_eager_steps(fuse):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = ["def add(a, b):", "class Stack:", "import os\n", "for i in range(10):"] * 3
     outs = {}
-    for graphs in (True, False):
+    for graphs, steps in ((True, 1), (False, 1), (True, 4)):  # (True, 4): multi-step decoding
         llm = LLM("minillm-tiny", device="cuda", dtype=torch.float32, fuse=fuse,
-                  cuda_graphs=graphs, max_num_seqs=8)  # fmt: skip
-        outs[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        runner = llm.engine.runner
-        assert (runner.num_graph_steps > 0) == graphs
-    assert outs[True] == outs[False]
+                  cuda_graphs=graphs, max_num_seqs=8, num_scheduler_steps=steps)  # fmt: skip
+        outs[graphs, steps] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert (llm.engine.runner.num_graph_steps > 0) == graphs
+        assert (llm.engine.num_multi_steps > 0) == (steps > 1)
+    assert outs[True, 1] == outs[False, 1] == outs[True, 4]
     model = minillm.load_model("minillm-tiny", device="cuda")
     ref = minillm.generate_cached(model, llm.tokenizer.encode(prompts[0]), params)[0].token_ids
-    assert outs[True][0] == ref
+    assert outs[True, 1][0] == ref
 
 
 @pytest.mark.gpu

@@ -71,7 +71,7 @@ class LLMEngine:
             self.enable_decode_graphs()
         self.eos = tuple(model.config.eos_token_ids)
         self._requests: dict[str, tuple[list[Sequence], str | None]] = {}
-        self._ids = itertools.count()
+        self._ids, self._seq_ids = itertools.count(), itertools.count()
         self._failed: set[str] = set()  # requests that failed when added, not yet reported
         self.num_steps = self.num_multi_steps = 0
         self.last_batch: SchedulerOutput | None = None  # what the last step ran
@@ -162,7 +162,7 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=device).manual_seed(params.seed + i)
             eos = () if params.ignore_eos else self.eos
-            seq = Sequence(request_id, ids, params, i, eos, gen)
+            seq = Sequence(request_id, ids, params, i, eos, gen, next(self._seq_ids))
             if self.tokenizer is not None:
                 seq.decoder, seq.has_text = self.tokenizer.stream_decoder(), True
             seqs.append(seq)

@@ -16,6 +16,8 @@ them into a model.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,10 @@ from minillm.layers.attention import Attention, attention, rotate_packed
 from minillm.layers.mlp import SwiGLUMLP
 from minillm.layers.norm import RMSNorm, rms_norm
 from minillm.layers.rotary import apply_rotary
+
+if TYPE_CHECKING:
+    from minillm.cache import KVCache
+    from minillm.layers.attention_metadata import AttentionMetadata
 
 
 def _concat_linear(*linears: nn.Module) -> nn.Linear | None:
@@ -107,7 +113,15 @@ class FusedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x, cos, sin, backend="sdpa", cache=None, attn_metadata=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: str = "sdpa",
+        cache: KVCache | None = None,
+        attn_metadata: AttentionMetadata | None = None,
+    ) -> torch.Tensor:
         if attn_metadata is not None:  # packed (N, C)
             q, k, v = self._qkv(x)  # (N, H, D), (N, Hkv, D)
             if self.use_triton:
@@ -137,7 +151,15 @@ class FusedDecoderLayer(nn.Module):
         self.post_attention_layernorm = FusedRMSNorm(layer.post_attention_layernorm, use_triton)
         self.mlp = FusedMLP(layer.mlp, use_triton)
 
-    def forward(self, x, cos, sin, backend, cache=None, attn_metadata=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: str,
+        cache: KVCache | None = None,
+        attn_metadata: AttentionMetadata | None = None,
+    ) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(x), cos, sin, backend, cache, attn_metadata)
         normed, h = self.post_attention_layernorm(a, residual=x)  # h = x + a
         return h + self.mlp(normed)

@@ -20,13 +20,17 @@ blocks this may need (`Scheduler.lookahead`).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from minillm.engine.model_runner import BatchRow
 from minillm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from minillm.engine.sequence import Sequence
 
+if TYPE_CHECKING:
+    from minillm.engine.engine import LLMEngine
 
-def lookahead_tables(engine, items: list[ScheduledSeq]) -> dict[int, list[int]]:
+
+def lookahead_tables(engine: LLMEngine, items: list[ScheduledSeq]) -> dict[int, list[int]]:
     """Block tables extended with scratch blocks (the i-th item gets its own for this step)."""
     per, out = engine.scratch_per_seq, {}
     for i, it in enumerate(items):
@@ -35,7 +39,7 @@ def lookahead_tables(engine, items: list[ScheduledSeq]) -> dict[int, list[int]]:
     return out
 
 
-def commit_lookahead(engine, seq: Sequence, m: int, table: list[int]) -> None:
+def commit_lookahead(engine: LLMEngine, seq: Sequence, m: int, table: list[int]) -> None:
     """The next m positions of `seq` were computed in their lookahead slots (via `table`):
     add them to its blocks, and move the K/V of those that sat in scratch blocks."""
     n, bs = seq.num_computed_tokens, engine.config.block_size
@@ -47,7 +51,7 @@ def commit_lookahead(engine, seq: Sequence, m: int, table: list[int]) -> None:
     seq.num_computed_tokens += m
 
 
-def run_multi_step(engine, batch: SchedulerOutput) -> bool:
+def run_multi_step(engine: LLMEngine, batch: SchedulerOutput) -> bool:
     """Run S greedy decode steps on the decode graph when the whole batch qualifies (every
     row decodes with the same lookahead S - 1); False when it does not."""
     decodes, graphs = batch.decodes, engine.runner.graphs

@@ -31,9 +31,6 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-_seq_ids = itertools.count()
-
-
 @dataclass(eq=False)  # identity: two sequences are never "equal"
 class Sequence:
     """One completion being generated (names follow vLLM)."""
@@ -44,7 +41,7 @@ class Sequence:
     index: int = 0  # which of the request's n completions
     eos_token_ids: tuple[int, ...] = ()
     generator: torch.Generator | None = None  # seeded requests sample from their own
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    seq_id: int = 0  # unique within an engine (which numbers its sequences)
     arrival_time: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:

@@ -178,4 +178,5 @@ def convert_model(model: nn.Module, state: dict[str, Any]) -> nn.Module:
             if k not in own:
                 raise ValueError(f"state holds {k!r}, which the model does not have")
             own[k].copy_(v)
+    model.quantization_config = dict(config)
     return model

@@ -104,6 +104,29 @@ def find_params(
     return scale, zero
 
 
+def find_params_mse(
+    w: torch.Tensor, bits: int, sym: bool = False, grid: int = 100, max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `find_params`, but shrink each row's range to the factor p in (1 - max_shrink, 1]
+    that minimizes sum |w - w_hat|^norm (the `mse` option of the GPTQ reference code):
+    clipping a few outliers buys a finer grid for all the other weights."""
+    w = w.float()
+    best_s, best_z = find_params(w, bits, sym)
+    best_err = torch.full_like(best_s, float("inf"))
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        s, z = find_params(torch.stack([p * xmin, p * xmax], dim=1), bits, sym)
+        w_hat = s[:, None] * (quantize_codes(w, s[:, None], z[:, None], bits) - z[:, None])
+        err = (w_hat - w).abs().pow(norm).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
 def quantize_codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 ) -> torch.Tensor:
@@ -150,7 +173,11 @@ class RTNQuantizer(Quantizer):
 
     def __post_init__(self):
         check_bits(self.bits)
-        check_group_size(self.group_size, 1 if self.group_size <= 0 else self.group_size)
+        if self.group_size < PER_CHANNEL:
+            raise ValueError(
+                f"group_size must be positive, {PER_CHANNEL} (per channel) or {PER_TENSOR} "
+                f"(per tensor), got {self.group_size}"
+            )
 
     def quantize(
         self, model: CausalLM, calibration: torch.Tensor | None = None, progress: bool = True
@@ -182,13 +209,14 @@ def state_from_params(
     """The runtime state of `model` quantized with `params`: each layer's `QuantLinear`
     buffers ("<layer>.qweight", ...), "quantization_config" (bits, group_size, sym,
     desc_act, method), and `extra`: changed full-precision tensors by state-dict name
-    (e.g. AWQ's rescaled norm weights)."""
+    (e.g. AWQ's rescaled norm weights; "<layer>.bias" replaces a layer's bias)."""
     from minillm.quant.linear import QuantLinear
 
     state: dict[str, Any] = {"quantization_config": dict(config)}
+    extra = dict(extra or {})
     for name, p in params.items():
-        bias = model.get_submodule(name).bias
+        bias = extra.pop(f"{name}.bias", model.get_submodule(name).bias)  # extra may rescale it
         q = QuantLinear.from_params(p, None if bias is None else bias.detach())
         state.update({f"{name}.{k}": v for k, v in q.state_dict().items()})
-    state.update(extra or {})
+    state.update(extra)
     return state

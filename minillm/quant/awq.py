@@ -150,6 +150,7 @@ class AWQQuantizer(Quantizer):
         if self.n_grid < 1:
             raise ValueError(f"n_grid must be >= 1, got {self.n_grid}")
 
+    @torch.no_grad()
     def quantize(
         self, model: CausalLM, calibration: torch.Tensor | None = None, progress: bool = True
     ) -> dict[str, Any]:

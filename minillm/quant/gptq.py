@@ -69,18 +69,19 @@ def gptq_quantize(
         raise ValueError(f"H must be ({K}, {K}) for a weight of shape {tuple(w.shape)}, got {tuple(H.shape)}")
     if not 0 <= damp < 1:
         raise ValueError(f"damp must lie in [0, 1), got {damp}")
-    W = w.detach().clone().float()
-    H = H.detach().clone().float()
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # fp64 for tests
+    W = w.detach().clone().to(dtype)
+    H = H.detach().clone().to(dtype)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device, dtype=dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    codes = torch.zeros(N, K, device=W.device)
+    codes = torch.zeros(N, K, device=W.device, dtype=dtype)
     scales = torch.zeros(N, K // G, device=W.device)
     zeros = torch.zeros(N, K // G, device=W.device)
     if group_size == PER_TENSOR:
@@ -142,6 +143,7 @@ class GPTQQuantizer(Quantizer):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
+    @torch.no_grad()
     def quantize(
         self, model: CausalLM, calibration: torch.Tensor | None = None, progress: bool = True
     ) -> dict[str, Any]:

@@ -15,7 +15,8 @@ Error bound (what the tests check): every w of a group lies within s/2 of the gr
 
 Codes are unsigned (0 .. 2^bits - 1) with an explicit zero point: the layout the published
 GPTQ and AWQ checkpoints store (`minillm.quant.packing`). Scales are rounded to fp16
-before the codes are computed, so saving them as fp16 changes nothing.
+before the codes are computed, so saving them as fp16 changes nothing; they are rounded *up*, so the
+grid still spans the group's range and the bound holds for the stored scale.
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ class QuantParams:
         return self.scales[:, g] * (self.qweight.float() - self.zeros[:, g])
 
 
+def round_up_fp16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= x (as float32): a scale rounded up still spans the range."""
+    h = x.half()
+    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where(h.float() < x, up, h).float()
+
+
 def find_params(
     w: torch.Tensor, bits: int, sym: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +104,7 @@ def find_params(
         xmin = -xmax
     span = xmax - xmin
     scale = torch.where(span > 0, span / maxq, torch.ones_like(span))  # all-zero group: s = 1
-    scale = scale.half().float()  # what a checkpoint stores (fp16), used from here on
+    scale = round_up_fp16(scale)  # what a checkpoint stores, used from here on
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:

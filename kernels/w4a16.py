@@ -51,13 +51,20 @@ def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int4(
-    qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group_size: int
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The (K, N) weight in scales' dtype: scales[g] * (code - zero[g]), g = k // group_size."""
+    """The (K, N) weight scales[g] * (code - zero[g]), g = k // group_size, computed in fp32
+    (fp64 for fp64 scales) and returned in `dtype` (default: scales' dtype)."""
     codes = unpack_int4_rows(qweight)  # (K, N)
     zeros = unpack_int4_rows(qzeros.t().contiguous()).t()  # (G, N)
     g = torch.arange(codes.shape[0], device=codes.device) // group_size
-    return ((codes - zeros[g]).to(scales.dtype) * scales[g]).contiguous()
+    compute = torch.float64 if scales.dtype == torch.float64 else torch.float32
+    w = (codes - zeros[g]).to(compute) * scales[g].to(compute)
+    return w.to(dtype or scales.dtype).contiguous()
 
 
 def w4a16_matmul_naive(
@@ -68,7 +75,7 @@ def w4a16_matmul_naive(
     group_size: int,
 ) -> torch.Tensor:
     """x (M, K) @ dequantized W (K, N) -> (M, N) in x's dtype: the reference."""
-    return x @ dequantize_int4(qweight, scales, qzeros, group_size).to(x.dtype)
+    return x @ dequantize_int4(qweight, scales, qzeros, group_size, x.dtype)
 
 
 if triton is not None:

@@ -60,7 +60,10 @@ def plot(rows: dict, title: str):
     names = list(rows)
     ppl = [rows[n].perplexity for n in names]
     fig, ax = plt.subplots(figsize=(9, 4))
-    colors = ["grey" if n == "fp32" else "C0" if "RTN" in n else "C1" if "W8A8" in n else "C2" for n in names]
+    colors = [
+        "grey" if n == "fp32" else "C0" if "RTN" in n else "C1" if "W8A8" in n else "C2"
+        for n in names
+    ]
     ax.bar(range(len(names)), ppl, color=colors)
     ax.axhline(rows["fp32"].perplexity, color="k", lw=0.8, ls="--", label="fp32")
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
@@ -73,7 +76,9 @@ def plot(rows: dict, title: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--smoke", action="store_true", help="draft model, few schemes, seconds")
     ap.add_argument("--model", default=None)
     ap.add_argument("--calibration-samples", type=int, default=64)
@@ -99,8 +104,16 @@ def main(argv: list[str] | None = None) -> dict:
     for label, q in schemes(group_size, args.smoke).items():
         rows[label] = evaluate_scheme(label, base, q, tokens, cal, fp_ppl=fp, **kw)
     for r in rows.values():
-        print(f"{r.name:22s} {r.perplexity:8.4f} {r.increase_pct:7.2f} {r.linear_bits:7.2f} {r.model_mib:6.2f} {r.seconds:10.1f}")
-    cuts = {f"{s} {b}-bit": rtn_cut(rows, f"{s} {b}-bit", f"RTN {b}-bit") for s in ("GPTQ", "AWQ") for b in (4, 3) if f"{s} {b}-bit" in rows and f"RTN {b}-bit" in rows}
+        print(
+            f"{r.name:22s} {r.perplexity:8.4f} {r.increase_pct:7.2f} {r.linear_bits:7.2f} "
+            f"{r.model_mib:6.2f} {r.seconds:10.1f}"
+        )
+    cuts = {
+        f"{s} {b}-bit": rtn_cut(rows, f"{s} {b}-bit", f"RTN {b}-bit")
+        for s in ("GPTQ", "AWQ")
+        for b in (4, 3)
+        if f"{s} {b}-bit" in rows and f"RTN {b}-bit" in rows
+    }
     w8a8 = {k: r.increase_pct for k, r in rows.items() if k.startswith("W8A8")}
     targets = {
         "gptq_4bit_cut_ge_40pct": cuts.get("GPTQ 4-bit", 0) >= 0.4,

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,9 +45,17 @@ def torch_int4_operands(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return w_packed, sz
 
 
+def naive(x, qweight, scales, qzeros, group_size, dtype):
+    """The naive twin: dequantize to the activation dtype, then matmul."""
+    from minillm.kernels.w4a16 import dequantize_int4
+
+    return x @ dequantize_int4(qweight, scales, qzeros, group_size, dtype)
+
+
 def run(shapes: dict, batches: tuple, device: str, smoke: bool) -> dict:
-    from minillm.bench import measure_copy_bandwidth, time_fn
     from minillm.kernels.w4a16 import _TUNED, dequantize_int4, w4a16_matmul
+
+    from minillm.bench import measure_copy_bandwidth, time_fn
     from minillm.quant.packing import pack_cols, pack_rows
 
     reps = dict(warmup=2, repeat=3) if smoke else dict(warmup=10, repeat=50)
@@ -68,7 +77,7 @@ def run(shapes: dict, batches: tuple, device: str, smoke: bool) -> dict:
         if device == "cuda":
             try:
                 int4 = torch_int4_operands(codes, scales_d, zeros)
-            except Exception as e:  # noqa: BLE001 - report what torch said, keep benchmarking
+            except Exception as e:
                 print(f"torch int4 packing failed: {e}", file=sys.stderr)
         q_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales_d.numel() * 2
         for M in batches:
@@ -76,21 +85,25 @@ def run(shapes: dict, batches: tuple, device: str, smoke: bool) -> dict:
             io_bytes = x.numel() * x.element_size() + M * N * x.element_size()
             ref = x.float() @ w_ref
             fns = {
-                "bf16": lambda: torch.nn.functional.linear(x, w_dense),
-                "ours": lambda: w4a16_matmul(x, qweight, scales_d, qzeros, GROUP),
-                "naive": lambda: x @ dequantize_int4(qweight, scales_d, qzeros, GROUP, dtype),
+                "bf16": partial(torch.nn.functional.linear, x, w_dense),
+                "ours": partial(w4a16_matmul, x, qweight, scales_d, qzeros, GROUP),
+                "naive": partial(naive, x, qweight, scales_d, qzeros, GROUP, dtype),
             }
             if int4 is not None:
-                fns["torch_int4"] = lambda: torch.ops.aten._weight_int4pack_mm(x, int4[0], GROUP, int4[1])
+                fns["torch_int4"] = partial(
+                    torch.ops.aten._weight_int4pack_mm, x, int4[0], GROUP, int4[1]
+                )
             row = {"shape": name, "K": K, "N": N, "M": M}
             for label, fn in fns.items():
                 try:
                     err = float((fn().float() - ref).abs().max() / ref.abs().max())
                     t = time_fn(fn, device=device, **reps)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     row[label] = {"error": str(e)[:200]}
                     continue
-                nbytes = io_bytes + (w_dense.numel() * w_dense.element_size() if label == "bf16" else q_bytes)
+                nbytes = io_bytes + (
+                    w_dense.numel() * w_dense.element_size() if label == "bf16" else q_bytes
+                )
                 row[label] = {"us": t * 1e6, "GBps": nbytes / t / 1e9, "max_rel_err": err}
             t_bf16 = row["bf16"]["us"]
             for label in ("ours", "torch_int4", "naive"):
@@ -101,10 +114,23 @@ def run(shapes: dict, batches: tuple, device: str, smoke: bool) -> dict:
             cells = [f"{name:28s} M={M:<3d}"]
             for label in ("bf16", "ours", "torch_int4", "naive"):
                 r = row.get(label, {})
-                cells.append(f"{label} " + (f"{r['us']:8.1f}us {r.get('speedup_vs_bf16', 1):4.2f}x" if "us" in r else "   n/a"))
+                cells.append(
+                    f"{label} "
+                    + (
+                        f"{r['us']:8.1f}us {r.get('speedup_vs_bf16', 1):4.2f}x"
+                        if "us" in r
+                        else "   n/a"
+                    )
+                )
             print("  ".join(cells), flush=True)
     tuned = {str(k[:4]): vars(v) for k, v in _TUNED.items()}
-    return {"copy_bandwidth_GBps": copy_bw / 1e9, "dtype": str(dtype), "group_size": GROUP, "rows": rows, "tuned_configs": tuned}
+    return {
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "dtype": str(dtype),
+        "group_size": GROUP,
+        "rows": rows,
+        "tuned_configs": tuned,
+    }
 
 
 def plot(result: dict):
@@ -119,7 +145,9 @@ def plot(result: dict):
     width = 0.38
     for i, (key, color) in enumerate([("ours", "C2"), ("torch_int4", "C0")]):
         vals = [r.get(key, {}).get("speedup_vs_bf16", 0) for r in rows]
-        ax.bar([j + (i - 0.5) * width for j in range(len(rows))], vals, width, color=color, label=key)
+        ax.bar(
+            [j + (i - 0.5) * width for j in range(len(rows))], vals, width, color=color, label=key
+        )
     ax.axhline(1, color="k", lw=0.8, ls="--", label="bf16 matmul")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("speedup over bf16 matmul")
@@ -130,7 +158,9 @@ def plot(result: dict):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)

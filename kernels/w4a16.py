@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from minillm.kernels import interpreting
 
 try:
@@ -108,7 +107,9 @@ if triton is not None:
                 other=0,
             )  # (BLOCK_K/8, BLOCK_N) int32
             scale = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0)
-            zero = (tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0) >> z_shift) & 0xF
+            zero = (
+                tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0) >> z_shift
+            ) & 0xF
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(8):  # nibble j holds rows k0 + 8i + j
                 w = ((packed >> (4 * j)) & 0xF) - zero[None, :]  # (BLOCK_K/8, BLOCK_N) in [-15, 15]
@@ -173,16 +174,23 @@ def kernel_supports(x: torch.Tensor, group_size: int) -> bool:
 def _check(x, qweight, scales, qzeros, group_size):
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got {tuple(x.shape)}")
-    M, K = x.shape
+    K = x.shape[1]
     if qweight.dtype != torch.int32 or qweight.shape[0] * 8 != K:
-        raise ValueError(f"qweight must be int32 (K/8, N) = ({K // 8}, N), got {qweight.dtype} {tuple(qweight.shape)}")
+        raise ValueError(
+            f"qweight must be int32 (K/8, N) = ({K // 8}, N), "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     N = qweight.shape[1]
     if group_size <= 0 or K % group_size:
         raise ValueError(f"group_size={group_size} must be positive and divide K={K}")
     if tuple(scales.shape) != (K // group_size, N):
-        raise ValueError(f"scales must be (G, N) = ({K // group_size}, {N}), got {tuple(scales.shape)}")
+        raise ValueError(
+            f"scales must be (G, N) = ({K // group_size}, {N}), got {tuple(scales.shape)}"
+        )
     if N % 8 or tuple(qzeros.shape) != (K // group_size, N // 8):
-        raise ValueError(f"qzeros must be (G, N/8) = ({K // group_size}, {N // 8}), got {tuple(qzeros.shape)}")
+        raise ValueError(
+            f"qzeros must be (G, N/8) = ({K // group_size}, {N // 8}), got {tuple(qzeros.shape)}"
+        )
 
 
 def _launch(x, qweight, scales, qzeros, group_size, cfg: KernelConfig) -> torch.Tensor:
@@ -209,8 +217,7 @@ def _launch(x, qweight, scales, qzeros, group_size, cfg: KernelConfig) -> torch.
 def _tune(x, qweight, scales, qzeros, group_size) -> KernelConfig:
     """Time every candidate once for this shape on the GPU; keep the fastest."""
     M, K = x.shape
-    N = qweight.shape[1]
-    key = (min(triton.next_power_of_2(M), 32), N, K, group_size, x.dtype, x.device)
+    key = (min(triton.next_power_of_2(M), 32), qweight.shape[1], K, group_size, x.dtype, x.device)
     if key not in _TUNED:
         from triton.testing import do_bench
 

@@ -8,7 +8,7 @@ import torch
 
 import minillm
 from minillm.quant import calibration_tokens
-from minillm.quant.awq import AWQQuantizer, _fold, _fake_quant, awq_clip_search, awq_scale_search
+from minillm.quant.awq import AWQQuantizer, _fake_quant, _fold, awq_clip_search, awq_scale_search
 from minillm.quant.gptq import GPTQQuantizer, gptq_quantize, hessian
 from minillm.quant.linear import QuantLinear
 from minillm.quant.rtn import find_params, quantize_codes, quantize_rtn
@@ -18,8 +18,14 @@ def _data(N=32, K=128, n=1024, seed=0):
     """A weight and correlated inputs with unequal channel scales (like real activations)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g, dtype=torch.float64)
-    mix = torch.randn(K, K, generator=g, dtype=torch.float64) / K**0.5 + torch.eye(K, dtype=torch.float64)
-    x = torch.randn(n, K, generator=g, dtype=torch.float64) @ mix * torch.logspace(-1, 0.5, K, dtype=torch.float64)
+    mix = torch.randn(K, K, generator=g, dtype=torch.float64) / K**0.5 + torch.eye(
+        K, dtype=torch.float64
+    )
+    x = (
+        torch.randn(n, K, generator=g, dtype=torch.float64)
+        @ mix
+        * torch.logspace(-1, 0.5, K, dtype=torch.float64)
+    )
     return w, x
 
 
@@ -67,7 +73,9 @@ def test_gptq_cuts_layer_output_error_vs_rtn(bits, act_order):
     assert e_gptq < 0.5 * e_rtn, f"GPTQ {e_gptq:.3g} vs RTN {e_rtn:.3g}"
     if act_order:
         counts = torch.bincount(p.g_idx.long())
-        assert (counts == 32).all() and not torch.equal(p.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+        assert (counts == 32).all() and not torch.equal(
+            p.g_idx, torch.arange(128, dtype=torch.int32) // 32
+        )
         assert torch.equal(QuantLinear.from_params(p).weight, p.dequantize())
 
 
@@ -97,7 +105,11 @@ def test_awq_fold_keeps_the_float_model():
         ref = model(ids)
         layer = model.model.layers[0]
         s = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.5
-        _fold(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], s)
+        _fold(
+            layer.input_layernorm,
+            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+            s,
+        )
         s2 = torch.rand(384, generator=torch.Generator().manual_seed(2)) + 0.5
         _fold(layer.mlp.up_proj, [layer.mlp.down_proj], s2)
         assert torch.allclose(model(ids), ref, atol=1e-4, rtol=1e-4)
@@ -112,7 +124,9 @@ def test_awq_scales_protect_salient_channels():
     rtn = float(((x @ _fake_quant(w, 4, 32).t() - x @ w.t()) ** 2).mean())
     assert min(losses) == losses[round(alpha * 20)]
     assert min(losses) < 0.8 * rtn, f"AWQ {min(losses):.3g} vs RTN {rtn:.3g}"
-    assert alpha > 0 and s[:4].min() > s[4:].max(), "the salient channels should get the largest scales"
+    assert alpha > 0 and s[:4].min() > s[4:].max(), (
+        "the salient channels should get the largest scales"
+    )
 
 
 def test_awq_clip_never_hurts_the_group_error():
@@ -121,7 +135,9 @@ def test_awq_clip_never_hurts_the_group_error():
     w[0, 3] = 8.0  # an outlier weight is worth clipping
     x = torch.randn(256, 64, generator=g)
     max_val = awq_clip_search(x, w, 4, 32)
-    clipped = torch.maximum(torch.minimum(w, max_val.repeat_interleave(32, 1)), -max_val.repeat_interleave(32, 1))
+    clipped = torch.maximum(
+        torch.minimum(w, max_val.repeat_interleave(32, 1)), -max_val.repeat_interleave(32, 1)
+    )
     err = lambda v: float(((x @ _fake_quant(v, 4, 32).t() - x @ w.t()) ** 2).mean())  # noqa: E731
     assert err(clipped) <= err(w)
     assert max_val[0, 0] < 8.0
@@ -148,9 +164,16 @@ def test_whole_model_quantizers(draft_and_tokens, quantizer):
     base, cal = draft_and_tokens
     before = {k: v.clone() for k, v in base.state_dict().items()}
     state = quantizer.quantize(base, cal, progress=False)
-    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items()), "quantize changed the model"
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items()), (
+        "quantize changed the model"
+    )
     model = quantizer.convert(copy.deepcopy(base), state)
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * base.config.num_hidden_layers
+    assert (
+        sum(isinstance(m, QuantLinear) for m in model.modules())
+        == 7 * base.config.num_hidden_layers
+    )
     rtn = minillm.quant.rtn.RTNQuantizer(2, 64).apply(copy.deepcopy(base), progress=False)
     fp, q, bad = _nll(base, cal), _nll(model, cal), _nll(rtn, cal)
-    assert fp - 0.05 < q < bad, f"4-bit {quantizer.name} loss {q:.3f}: fp {fp:.3f}, 2-bit RTN {bad:.3f}"
+    assert fp - 0.05 < q < bad, (
+        f"4-bit {quantizer.name} loss {q:.3f}: fp {fp:.3f}, 2-bit RTN {bad:.3f}"
+    )

@@ -11,9 +11,10 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before kerne
 
 pytest.importorskip("triton")
 
-from minillm.kernels.w4a16 import KernelConfig, w4a16_matmul, w4a16_matmul_naive  # noqa: E402
-from minillm.quant.linear import QuantLinear  # noqa: E402
-from minillm.quant.rtn import quantize_rtn  # noqa: E402
+from minillm.kernels.w4a16 import KernelConfig, w4a16_matmul, w4a16_matmul_naive
+
+from minillm.quant.linear import QuantLinear
+from minillm.quant.rtn import quantize_rtn
 
 interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter test")
 

@@ -34,7 +34,9 @@ def test_gptq_4bit_words_by_hand():
     assert pack_rows(codes, 4).tolist() == [[u32(0x87654321)] * 3]  # code k in nibble k
     assert pack_cols(codes.t().contiguous(), 4).tolist() == [[u32(0x87654321)]] * 3
     assert pack_rows(torch.tensor([[1], [2], [3], [255]]), 8).tolist() == [[u32(0xFF030201)]]
-    two = torch.tensor([[3]] + [[0]] * 14 + [[1]])  # code 0 = 3 (bits 0-1), code 15 = 1 (bits 30-31)
+    two = torch.tensor(
+        [[3]] + [[0]] * 14 + [[1]]
+    )  # code 0 = 3 (bits 0-1), code 15 = 1 (bits 30-31)
     assert pack_rows(two, 2).tolist() == [[u32(0x40000003)]]
 
 
@@ -95,7 +97,9 @@ def test_checkpoint_tensors_match_the_codes():
     assert t["qzeros"].shape == (4, 64 // 8) and t["scales"].dtype == torch.float16
     assert torch.equal(unpack_rows(t["qweight"], 4), p.qweight.t())  # original feature order
     assert torch.equal(t["g_idx"], p.g_idx)
-    assert not torch.equal(p.g_idx, torch.arange(256, dtype=torch.int32) // 64)  # act-order did reorder
+    assert not torch.equal(
+        p.g_idx, torch.arange(256, dtype=torch.int32) // 64
+    )  # act-order did reorder
     assert torch.equal((unpack_cols(t["qzeros"], 4) + 1) % 16, p.zeros.t().int())
 
 
@@ -150,7 +154,9 @@ def test_folder_round_trip_is_exact(tmp_path, draft, bits, act_order, method, fm
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == method and qc["bits"] == bits
     loaded = load_quantized(tmp_path)
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (k, a), (k2, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(a, b), f"{k} changed in the round trip"
     ids = torch.randint(0, 4096, (1, 16), generator=rng)
     assert torch.equal(model(ids), loaded(ids))
@@ -178,7 +184,9 @@ def test_unknown_method_and_bad_configs_are_clear(tmp_path, draft):
     with pytest.raises(ValueError, match="unknown quant_method"):
         save_quantized(model, tmp_path, "exl2")
     with pytest.raises(ValueError, match="4-bit layers without act-order"):
-        save_quantized(RTNQuantizer(8, 64).apply(copy.deepcopy(draft), progress=False), tmp_path, "awq")
+        save_quantized(
+            RTNQuantizer(8, 64).apply(copy.deepcopy(draft), progress=False), tmp_path, "awq"
+        )
 
 
 def test_quant_linear_matches_its_params():

@@ -67,7 +67,9 @@ def test_bad_input_is_clear():
     with pytest.raises(ValueError, match="group_size must be positive"):
         RTNQuantizer(group_size=-2)
     model = minillm.load_model("minillm-tiny-draft")  # hidden 128, MLP 384
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: group_size=96 does not divide"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.self_attn.q_proj: group_size=96 does not divide"
+    ):
         RTNQuantizer(4, 96).quantize(model, progress=False)
 
 
@@ -81,7 +83,16 @@ def test_rtn_model_footprint_and_outputs():
     with torch.no_grad():
         ref = base(ids).argmax(-1)
         agree = {
-            bits: float((RTNQuantizer(bits, 64).apply(copy.deepcopy(base), progress=False)(ids).argmax(-1) == ref).float().mean())
+            bits: float(
+                (
+                    RTNQuantizer(bits, 64)
+                    .apply(copy.deepcopy(base), progress=False)(ids)
+                    .argmax(-1)
+                    == ref
+                )
+                .float()
+                .mean()
+            )
             for bits in (2, 4, 8)
         }
     assert agree[8] > 0.95, f"8-bit RTN should keep almost every greedy token: {agree}"

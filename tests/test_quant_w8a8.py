@@ -7,8 +7,8 @@ import torch
 
 import minillm
 from minillm.quant import calibration_tokens
-from minillm.quant.rtn import RTNQuantizer
 from minillm.quant.calibrate import QMAX, W8A8Linear, W8A8Quantizer, activation_scale, int8_quantize
+from minillm.quant.rtn import RTNQuantizer
 
 
 def _activations(seed=0):
@@ -48,7 +48,11 @@ def test_w8a8_linear_error_bound():
         err = (q(x) - lin(x)).abs()  # (8, 40)
         w = lin.weight
         s_w = q.weight_scale[None, :]
-        bound = x.abs() @ torch.ones(96, 40) * s_w / 2 + (w.abs().sum(1) * s_x / 2)[None, :] + 96 * s_x * s_w / 4
+        bound = (
+            x.abs() @ torch.ones(96, 40) * s_w / 2
+            + (w.abs().sum(1) * s_x / 2)[None, :]
+            + 96 * s_x * s_w / 4
+        )
     assert (err <= bound * (1 + 1e-5)).all()
     assert q.weight.dtype == torch.int8 and q.weight.abs().max() == QMAX
 
@@ -72,7 +76,11 @@ def test_w8a8_model_stays_close():
     base = minillm.load_model("minillm-tiny-draft")
     cal = calibration_tokens(minillm.load_tokenizer(), 4, 64)
     model = W8A8Quantizer("percentile").apply(copy.deepcopy(base), cal, progress=False)
-    assert sum(isinstance(m, W8A8Linear) for m in model.modules()) == 7 * base.config.num_hidden_layers
+    assert (
+        sum(isinstance(m, W8A8Linear) for m in model.modules()) == 7 * base.config.num_hidden_layers
+    )
     rtn4 = RTNQuantizer(4, 64).apply(copy.deepcopy(base), progress=False)
     fp, w8a8, w4 = _nll(base, cal), _nll(model, cal), _nll(rtn4, cal)
-    assert abs(w8a8 - fp) < w4 - fp, f"W8A8 should lose less than 4-bit weights: {fp=} {w8a8=} {w4=}"
+    assert abs(w8a8 - fp) < w4 - fp, (
+        f"W8A8 should lose less than 4-bit weights: {fp=} {w8a8=} {w4=}"
+    )

@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 
 from minillm.model import CausalLM
 from minillm.quant.base import DEFAULT_SKIP, Quantizer, linear_layers
-from minillm.quant.rtn import QuantParams, check_bits, check_group_size, quantize_rtn, state_from_params
+from minillm.quant.rtn import (
+    QuantParams,
+    check_bits,
+    check_group_size,
+    quantize_rtn,
+    state_from_params,
+)
 from minillm.quant.sequential import LayerRunner
 
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
@@ -50,8 +56,10 @@ def awq_scale_search(
     group_size: int = 128,
     n_grid: int = 20,
     duo_scaling: bool = True,
+    n_tokens: int = 4096,
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """Best per-channel scales s (K,) for the weights (N_i, K) that all read x (n, K).
+    """Best per-channel scales s (K,) for the weights (N_i, K) that all read x (n, K); the
+    loss is measured on at most `n_tokens` evenly spaced tokens of x.
 
     Returns (s, the best alpha, the output error of every alpha on the grid)."""
     x = x.float()
@@ -61,6 +69,7 @@ def awq_scale_search(
     w_groups = W.abs().view(-1, G)  # (rows * groups, G)
     w_norm = (w_groups / (w_groups.amax(dim=1, keepdim=True) + 1e-6)).view_as(W)
     w_mean = w_norm.mean(dim=0)  # (K,) weight magnitude, relative to its group's max
+    x = x[:: max(1, len(x) // n_tokens)][:n_tokens]  # the tokens the loss is measured on
     ref = x @ W.t()  # (n, sum N_i)
     losses, best, best_s, best_alpha = [], float("inf"), None, 0.0
     for i in range(n_grid):
@@ -101,7 +110,10 @@ def awq_clip_search(
         q = _fake_quant(clipped.view(N, K), bits, group_size).view(N, K // G, G)
         err = (torch.einsum("tgk,ogk->otg", x, q) - ref).pow(2).mean(dim=1)  # (N, groups)
         better = err < best_err
-        best_err, best_max = torch.where(better, err, best_err), torch.where(better, max_val, best_max)
+        best_err, best_max = (
+            torch.where(better, err, best_err),
+            torch.where(better, max_val, best_max),
+        )
     return best_max
 
 
@@ -146,7 +158,9 @@ class AWQQuantizer(Quantizer):
     def __post_init__(self):
         check_bits(self.bits)
         if self.group_size < -1:
-            raise ValueError(f"group_size must be positive, -1 (per channel) or 0, got {self.group_size}")
+            raise ValueError(
+                f"group_size must be positive, -1 (per channel) or 0, got {self.group_size}"
+            )
         if self.n_grid < 1:
             raise ValueError(f"n_grid must be >= 1, got {self.n_grid}")
 
@@ -179,10 +193,17 @@ class AWQQuantizer(Quantizer):
                         continue
                     ws = [layer.get_submodule(n).weight for n in group]
                     s, alpha, _ = awq_scale_search(
-                        inputs[group[0]], ws, self.bits, self.group_size, self.n_grid, self.duo_scaling
+                        inputs[group[0]],
+                        ws,
+                        self.bits,
+                        self.group_size,
+                        self.n_grid,
+                        self.duo_scaling,
                     )
                     self.alphas[f"{prefix}.{prev_name}"] = alpha
-                    _fold(layer.get_submodule(prev_name), [layer.get_submodule(n) for n in group], s)
+                    _fold(
+                        layer.get_submodule(prev_name), [layer.get_submodule(n) for n in group], s
+                    )
                     for n in group:
                         inputs[n] = inputs[n] / s
                 for n in names:
@@ -192,12 +213,18 @@ class AWQQuantizer(Quantizer):
                         G = lin.in_features // max_val.shape[1]
                         bound = max_val.repeat_interleave(G, dim=1)  # (N, K)
                         with torch.no_grad():
-                            lin.weight.copy_(torch.maximum(torch.minimum(lin.weight, bound), -bound))
-                    params[f"{prefix}.{n}"] = quantize_rtn(lin.weight.detach(), self.bits, self.group_size)
+                            lin.weight.copy_(
+                                torch.maximum(torch.minimum(lin.weight, bound), -bound)
+                            )
+                    params[f"{prefix}.{n}"] = quantize_rtn(
+                        lin.weight.detach(), self.bits, self.group_size
+                    )
                     if lin.bias is not None:
                         extra[f"{prefix}.{n}.bias"] = lin.bias.detach().clone()
                 for norm in ("input_layernorm", "post_attention_layernorm"):
-                    extra[f"{prefix}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().clone()
+                    extra[f"{prefix}.{norm}.weight"] = (
+                        layer.get_submodule(norm).weight.detach().clone()
+                    )
             finally:
                 layer.load_state_dict(original)
         config = dict(bits=self.bits, group_size=self.group_size, sym=False, desc_act=False)

@@ -39,10 +39,14 @@ def int8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -QMAX, QMAX)
 
 
-def activation_scale(samples: torch.Tensor, method: str = "minmax", percentile: float = 99.99) -> float:
+def activation_scale(
+    samples: torch.Tensor, method: str = "minmax", percentile: float = 99.99
+) -> float:
     """s_x for activation values `samples` (any shape) by `method`."""
     if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {CALIBRATION_METHODS}")
+        raise ValueError(
+            f"unknown calibration method {method!r}; choose one of {CALIBRATION_METHODS}"
+        )
     a = samples.detach().float().abs().flatten()
     amax = float(a.max()) if a.numel() else 0.0
     if amax == 0:
@@ -67,14 +71,18 @@ class W8A8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
         self.register_buffer("input_scale", torch.ones((), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_scale: float) -> W8A8Linear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
+        m = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device
+        )
         w = linear.weight.detach().float()
         s_w = (w.abs().amax(dim=1) / QMAX).clamp(min=1e-12)  # (N,)
         m.weight.copy_(int8_quantize(w, s_w[:, None]).to(torch.int8))
@@ -138,7 +146,9 @@ class W8A8Quantizer(Quantizer):
 
     def __post_init__(self):
         if self.method not in CALIBRATION_METHODS:
-            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {CALIBRATION_METHODS}")
+            raise ValueError(
+                f"unknown calibration method {self.method!r}; choose one of {CALIBRATION_METHODS}"
+            )
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise ValueError(f"smooth_alpha must lie in [0, 1] or be None, got {self.smooth_alpha}")
 
@@ -156,8 +166,14 @@ class W8A8Quantizer(Quantizer):
                 x_max = stats[f"{prefix}.{group[0]}"][1]  # (K,) max |x| per input channel
                 w_max = torch.cat([layer.get_submodule(n).weight.abs() for n in group]).amax(dim=0)
                 a = self.smooth_alpha
-                s = (x_max.clamp(min=1e-5).pow(a) / w_max.clamp(min=1e-5).pow(1 - a)).clamp(min=1e-5)
-                _fold(layer.get_submodule(prev), [layer.get_submodule(n) for n in group], s.to(w_max.device))
+                s = (x_max.clamp(min=1e-5).pow(a) / w_max.clamp(min=1e-5).pow(1 - a)).clamp(
+                    min=1e-5
+                )
+                _fold(
+                    layer.get_submodule(prev),
+                    [layer.get_submodule(n) for n in group],
+                    s.to(w_max.device),
+                )
         return {k: v.clone() for k, v in model.state_dict().items() if "norm" in k}
 
     @torch.no_grad()
@@ -171,7 +187,9 @@ class W8A8Quantizer(Quantizer):
             extra = self.smooth(model, calibration) if self.smooth_alpha is not None else {}
             layers = linear_layers(model, self.skip)
             samples = collect_activations(model, calibration, list(layers), self.batch_size)
-            state: dict[str, Any] = {"quantization_config": {"method": "w8a8", "bits": 8, "activation": self.method}}
+            state: dict[str, Any] = {
+                "quantization_config": {"method": "w8a8", "bits": 8, "activation": self.method}
+            }
             for name, lin in tqdm(layers.items(), disable=not progress, desc="w8a8"):
                 s_x = activation_scale(samples[name][0], self.method, self.percentile)
                 q = W8A8Linear.from_linear(lin, s_x)
@@ -185,7 +203,9 @@ class W8A8Quantizer(Quantizer):
         names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".input_scale")})
         for name in names:
             lin = model.get_submodule(name)
-            m = W8A8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device)
+            m = W8A8Linear(
+                lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device
+            )
             m.load_state_dict({k: state[f"{name}.{k}"] for k in m.state_dict()})
             set_module(model, name, m)
         own = model.state_dict()

@@ -53,7 +53,14 @@ from minillm.loading import (
 from minillm.model import CausalLM
 from minillm.quant.base import set_module
 from minillm.quant.linear import QuantLinear
-from minillm.quant.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
+from minillm.quant.packing import (
+    pack_awq,
+    pack_cols,
+    pack_rows,
+    unpack_awq,
+    unpack_cols,
+    unpack_rows,
+)
 from minillm.quant.rtn import QuantParams
 
 QUANT_METHODS = ("gptq", "awq")
@@ -61,14 +68,18 @@ GPTQ_FORMATS = ("gptq", "gptq_v2")
 _STORED = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def to_checkpoint(m: QuantLinear, quant_method: str, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+def to_checkpoint(
+    m: QuantLinear, quant_method: str, checkpoint_format: str = "gptq"
+) -> dict[str, torch.Tensor]:
     """The tensors (without the layer-name prefix) a `quant_method` checkpoint stores for `m`."""
     p = m.params()  # codes (N, K) in original feature order
     out: dict[str, torch.Tensor] = {"scales": p.scales.t().contiguous().half()}  # (G, N)
     zeros = p.zeros.round().to(torch.int32).t().contiguous()  # (G, N)
     if quant_method == "gptq":
         if checkpoint_format not in GPTQ_FORMATS:
-            raise ValueError(f"checkpoint_format must be one of {GPTQ_FORMATS}, got {checkpoint_format!r}")
+            raise ValueError(
+                f"checkpoint_format must be one of {GPTQ_FORMATS}, got {checkpoint_format!r}"
+            )
         if checkpoint_format == "gptq":
             zeros = (zeros - 1) % 2**m.bits  # v1: zero - 1
         out["qweight"] = pack_rows(p.qweight.t().contiguous(), m.bits)  # (K*bits/32, N)
@@ -115,7 +126,8 @@ def quantization_config(method: str, bits: int, group_size: int, **settings: Any
     if method == "gptq":
         return {
             "quant_method": "gptq", "bits": bits, "group_size": group_size,
-            "desc_act": bool(settings.get("desc_act", False)), "sym": bool(settings.get("sym", False)),
+            "desc_act": bool(settings.get("desc_act", False)),
+            "sym": bool(settings.get("sym", False)),
             "damp_percent": settings.get("damp_percent", 0.01), "true_sequential": True,
             "static_groups": False, "checkpoint_format": settings.get("checkpoint_format", "gptq"),
             "pack_dtype": "int32", "lm_head": False,
@@ -148,7 +160,8 @@ def save_quantized(
     sizes = {-1 if m.group_size == m.in_features else m.group_size for m in qlayers.values()}
     if len(bits_set) != 1 or len(sizes) != 1:
         raise ValueError(
-            f"one folder holds one bits and one group_size; the layers use bits {sorted(bits_set)}, "
+            f"one folder holds one bits and one group_size; the layers use "
+            f"bits {sorted(bits_set)}, "
             f"group sizes {sorted(sizes)}"
         )
     bits, group_size = bits_set.pop(), sizes.pop()
@@ -193,12 +206,18 @@ def _check_quant_config(qc: Any, where: Path) -> dict[str, Any]:
         )
     bits, allowed = qc.get("bits", qc.get("w_bit")), (4,) if method == "awq" else (2, 3, 4, 8)
     if bits not in allowed:
-        raise CheckpointError(f"{where}: {method} with bits={bits} is not supported; allowed {allowed}")
+        raise CheckpointError(
+            f"{where}: {method} with bits={bits} is not supported; allowed {allowed}"
+        )
     fmt = qc.get("checkpoint_format", "gptq")
     if method == "gptq" and fmt not in GPTQ_FORMATS:
-        raise CheckpointError(f"{where}: checkpoint_format {fmt!r} not supported; allowed {GPTQ_FORMATS}")
+        raise CheckpointError(
+            f"{where}: checkpoint_format {fmt!r} not supported; allowed {GPTQ_FORMATS}"
+        )
     if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
-        raise CheckpointError(f"{where}: AWQ version {qc.get('version')!r}: only 'gemm' is supported")
+        raise CheckpointError(
+            f"{where}: AWQ version {qc.get('version')!r}: only 'gemm' is supported"
+        )
     if method == "awq" and not qc.get("zero_point", True):
         raise CheckpointError(f"{where}: AWQ without zero points is not supported")
     group_size = qc.get("group_size", qc.get("q_group_size", -1))
@@ -206,13 +225,18 @@ def _check_quant_config(qc: Any, where: Path) -> dict[str, Any]:
 
 
 def load_quantized(
-    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> CausalLM:
     """Load a GPTQ or AWQ folder into a `CausalLM` whose quantized layers are `QuantLinear`s."""
     path = _model_dir(name_or_path)
     hf = _read_json(path / "config.json")
     if "quantization_config" not in hf:
-        raise CheckpointError(f"{path / 'config.json'} has no quantization_config: use minillm.load_model")
+        raise CheckpointError(
+            f"{path / 'config.json'} has no quantization_config: use minillm.load_model"
+        )
     qc = _check_quant_config(hf["quantization_config"], path / "config.json")
     config = load_config(path)
     tensors = read_safetensors(weight_files(path), None)
@@ -224,8 +248,12 @@ def load_quantized(
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{path}: quantized layer {name!r} is not part of the model") from None
-        layer = {k: tensors.pop(f"{name}.{k}") for k in (*_STORED, "bias") if f"{name}.{k}" in tensors}
+            raise CheckpointError(
+                f"{path}: quantized layer {name!r} is not part of the model"
+            ) from None
+        layer = {
+            k: tensors.pop(f"{name}.{k}") for k in (*_STORED, "bias") if f"{name}.{k}" in tensors
+        }
         missing = {"qweight", "qzeros", "scales"} - set(layer)
         if missing:
             raise CheckpointError(f"{path}: layer {name} lacks {sorted(missing)}")
@@ -234,7 +262,13 @@ def load_quantized(
         except ValueError as e:
             raise CheckpointError(f"{path}: layer {name}: {e}") from None
         with torch.device("meta"):
-            set_module(model, name, QuantLinear(q.in_features, q.out_features, q.bits, q.group_size, q.bias is not None))
+            set_module(
+                model,
+                name,
+                QuantLinear(
+                    q.in_features, q.out_features, q.bits, q.group_size, q.bias is not None
+                ),
+            )
         state.update({f"{name}.{k}": v for k, v in q.state_dict().items()})
     floats = {k: v.to(dtype) for k, v in tensors.items()}
     state = {**_match_state_dict(model, {**floats, **state}, path)}

@@ -66,7 +66,9 @@ def gptq_quantize(
     N, K = w.shape
     G = check_group_size(group_size, K)
     if H.shape != (K, K):
-        raise ValueError(f"H must be ({K}, {K}) for a weight of shape {tuple(w.shape)}, got {tuple(H.shape)}")
+        raise ValueError(
+            f"H must be ({K}, {K}) for a weight of shape {tuple(w.shape)}, got {tuple(H.shape)}"
+        )
     if not 0 <= damp < 1:
         raise ValueError(f"damp must lie in [0, 1), got {damp}")
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # fp64 for tests
@@ -137,7 +139,9 @@ class GPTQQuantizer(Quantizer):
     def __post_init__(self):
         check_bits(self.bits)
         if self.group_size < -1:
-            raise ValueError(f"group_size must be positive, -1 (per channel) or 0, got {self.group_size}")
+            raise ValueError(
+                f"group_size must be positive, -1 (per channel) or 0, got {self.group_size}"
+            )
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"damp_percent must lie in [0, 1), got {self.damp_percent}")
         if self.block_size < 1:
@@ -181,9 +185,49 @@ class GPTQQuantizer(Quantizer):
                 for name, w in original.items():
                     layers[name].weight.copy_(w)
         config = dict(bits=self.bits, group_size=self.group_size, sym=self.sym)
-        return state_from_params(model, params, {**config, "desc_act": self.desc_act, "method": "gptq"})
+        return state_from_params(
+            model, params, {**config, "desc_act": self.desc_act, "method": "gptq"}
+        )
 
     def convert(self, model: CausalLM, state: dict[str, Any]) -> CausalLM:
         from minillm.quant.linear import convert_model
 
         return convert_model(model, state)
+
+
+@torch.no_grad()
+def gptq_error_trace(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    every: int = 8,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's output error mean((x W_j^T - x W^T)^2) as columns are quantized, for
+    GPTQ (quantized columns + error-compensated float columns) and RTN (quantized columns
+    + the original float ones), after every `every` columns: (columns, gptq, rtn).
+
+    The unblocked loop, for teaching; the error is read off the Hessian,
+    mean((x D^T)^2) = sum(D (X^T X / n) * D) / N for the weight change D."""
+    W0 = w.detach().float()
+    N, K = W0.shape
+    G = check_group_size(group_size, K)
+    C = hessian(x) / 2  # X^T X / n
+    H = 2 * C + damp * torch.mean(2 * torch.diag(C)) * torch.eye(K)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W, R = W0.clone(), W0.clone()  # GPTQ's running weights, RTN's
+    cols, gptq_err, rtn_err = [], [], []
+    for i in range(K):
+        if i % G == 0:
+            s, z = find_params(W[:, i : i + G], bits)
+            s_r, z_r = find_params(W0[:, i : i + G], bits)
+        q = s * (quantize_codes(W[:, i], s, z, bits) - z)
+        err = (W[:, i] - q) / Hinv[i, i]
+        W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]  # column i becomes q, later ones compensate
+        R[:, i] = s_r * (quantize_codes(W0[:, i], s_r, z_r, bits) - z_r)
+        if (i + 1) % every == 0 or i == K - 1:
+            cols.append(i + 1)
+            for D, out in ((W - W0, gptq_err), (R - W0, rtn_err)):
+                out.append(float(((D @ C) * D).sum() / N))
+    return torch.tensor(cols), torch.tensor(gptq_err), torch.tensor(rtn_err)

@@ -100,9 +100,7 @@ class QuantLinear(nn.Module):
             torch.int32
         )
         zeros = unpack_cols(self.qzeros, self.bits).t().float()  # (N, G)
-        return QuantParams(
-            codes, self.scales.t().float(), zeros, g_idx, self.bits, self.group_size
-        )
+        return QuantParams(codes, self.scales.t().float(), zeros, g_idx, self.bits, self.group_size)
 
     def dequantize_sorted(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat^T with rows in storage (group) order: (K, N). The naive path's weight."""
@@ -147,7 +145,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, act_order={self.act_order}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, act_order={self.act_order}, "
+            f"bias={self.bias is not None}"
         )
 
 
@@ -167,7 +166,9 @@ def convert_model(model: nn.Module, state: dict[str, Any]) -> nn.Module:
         linear = model.get_submodule(name)
         K, N = linear.in_features, linear.out_features
         group_size = K if config["group_size"] in (-1, 0) else config["group_size"]
-        m = QuantLinear(K, N, bits, group_size, linear.bias is not None, device=linear.weight.device)
+        m = QuantLinear(
+            K, N, bits, group_size, linear.bias is not None, device=linear.weight.device
+        )
         m.load_state_dict({k: state[f"{name}.{k}"] for k in m.state_dict()}, strict=True)
         set_module(model, name, m)
     own = model.state_dict()

@@ -43,7 +43,9 @@ def _check_codes(codes: torch.Tensor, bits: int, dim: int) -> None:
             f"the count must be a multiple of {unit}"
         )
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(f"{bits}-bit codes must lie in [0, {2**bits}), got [{codes.min()}, {codes.max()}]")
+        raise ValueError(
+            f"{bits}-bit codes must lie in [0, {2**bits}), got [{codes.min()}, {codes.max()}]"
+        )
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,9 @@ def unpack_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     unit = pack_unit(bits)
     words_per_unit = unit * bits // 32
     if n_words % words_per_unit:
-        raise ValueError(f"{n_words} rows of {bits}-bit words are not whole units of {words_per_unit}")
+        raise ValueError(
+            f"{n_words} rows of {bits}-bit words are not whole units of {words_per_unit}"
+        )
     w = qweight.to(torch.int64) & 0xFFFFFFFF  # unsigned view of the words
     w = w.view(n_words // words_per_unit, words_per_unit, N)
     mask = 2**bits - 1

@@ -51,7 +51,9 @@ def evaluate_scheme(
 ) -> QualityRow:
     """Quantize a copy of `base` with `quantizer` (None: the float model) and measure it."""
     t0 = time.perf_counter()
-    model = base if quantizer is None else quantizer.apply(copy.deepcopy(base), calibration, progress)
+    model = (
+        base if quantizer is None else quantizer.apply(copy.deepcopy(base), calibration, progress)
+    )
     seconds = time.perf_counter() - t0
     ppl = perplexity(model, tokens, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
     fp = footprint(model)

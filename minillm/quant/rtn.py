@@ -57,7 +57,8 @@ def check_group_size(group_size: int, in_features: int) -> int:
     if in_features % group_size:
         raise ValueError(
             f"group_size={group_size} does not divide in_features={in_features}; "
-            f"use a divisor of {in_features}, {PER_CHANNEL} (per channel) or {PER_TENSOR} (per tensor)"
+            f"use a divisor of {in_features}, {PER_CHANNEL} (per channel) "
+            f"or {PER_TENSOR} (per tensor)"
         )
     return group_size
 
@@ -91,9 +92,7 @@ def round_up_fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, up, h).float()
 
 
-def find_params(
-    w: torch.Tensor, bits: int, sym: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of each row of `w` (rows are the groups): (R, n) -> (R,), (R,)."""
     maxq = 2**bits - 1
     w = w.float()
@@ -113,7 +112,11 @@ def find_params(
 
 
 def find_params_mse(
-    w: torch.Tensor, bits: int, sym: bool = False, grid: int = 100, max_shrink: float = 0.8,
+    w: torch.Tensor,
+    bits: int,
+    sym: bool = False,
+    grid: int = 100,
+    max_shrink: float = 0.8,
     norm: float = 2.4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `find_params`, but shrink each row's range to the factor p in (1 - max_shrink, 1]

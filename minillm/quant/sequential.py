@@ -71,7 +71,9 @@ class LayerRunner:
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         hooks = [
             layer.get_submodule(n).register_forward_hook(
-                lambda _m, args, _out, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]).float())
+                lambda _m, args, _out, n=n: seen[n].append(
+                    args[0].reshape(-1, args[0].shape[-1]).float()
+                )
             )
             for n in names
         ]

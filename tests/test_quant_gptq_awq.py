@@ -177,3 +177,18 @@ def test_whole_model_quantizers(draft_and_tokens, quantizer):
     assert fp - 0.05 < q < bad, (
         f"4-bit {quantizer.name} loss {q:.3f}: fp {fp:.3f}, 2-bit RTN {bad:.3f}"
     )
+
+
+def test_awq_error_bound():
+    """W_hat = Q(W diag(s)) / s; RTN's bound |v - Q(v)| <= step / 2 on v = W s gives
+    |W - W_hat|[n, k] <= step[n, g(k)] / (2 s_k): salient channels (large s_k) err least."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(512, 128, generator=g)
+    x[:, 7] *= 20
+    s, _, _ = awq_scale_search(x, [w], 4, 32)
+    p = quantize_rtn(w * s, 4, 32)
+    err = (w - p.dequantize() / s).abs()
+    bound = p.scales[:, p.g_idx.long()] / (2 * s)  # (N, K)
+    assert (err <= bound * (1 + 1e-5) + 1e-7).all()
+    assert bound[:, 7].max() < bound[:, 8:].median(), "the salient channel gets the finest grid"

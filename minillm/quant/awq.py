@@ -24,10 +24,12 @@ weights are divided by s. As in AutoAWQ, q and k are not clipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,9 +59,12 @@ def awq_scale_search(
     n_grid: int = 20,
     duo_scaling: bool = True,
     n_tokens: int = 4096,
+    forward: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float, list[float]]:
     """Best per-channel scales s (K,) for the weights (N_i, K) that all read x (n, K); the
-    loss is measured on at most `n_tokens` evenly spaced tokens of x.
+    loss is measured on at most `n_tokens` evenly spaced tokens of x, at the output of
+    `forward(x, weights)` (default: the linear layers' outputs, concatenated; AutoAWQ
+    measures the MLP's output for gate/up).
 
     Returns (s, the best alpha, the output error of every alpha on the grid)."""
     x = x.float()
@@ -70,7 +75,9 @@ def awq_scale_search(
     w_norm = (w_groups / (w_groups.amax(dim=1, keepdim=True) + 1e-6)).view_as(W)
     w_mean = w_norm.mean(dim=0)  # (K,) weight magnitude, relative to its group's max
     x = x[:: max(1, len(x) // n_tokens)][:n_tokens]  # the tokens the loss is measured on
-    ref = x @ W.t()  # (n, sum N_i)
+    rows = [w.shape[0] for w in weights]
+    forward = forward or (lambda x, ws: x @ torch.cat(ws).t())
+    ref = forward(x, list(W.split(rows)))  # (n, outputs)
     losses, best, best_s, best_alpha = [], float("inf"), None, 0.0
     for i in range(n_grid):
         alpha = i / n_grid
@@ -80,7 +87,7 @@ def awq_scale_search(
             s = x_mean.pow(alpha).clamp(min=1e-4)
         s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)  # centre the scales around 1
         W_hat = _fake_quant(W * s, bits, group_size) / s  # (sum N_i, K)
-        loss = float(((x @ W_hat.t() - ref) ** 2).mean())
+        loss = float(((forward(x, list(W_hat.split(rows))) - ref) ** 2).mean())
         losses.append(loss)
         if loss < best:
             best, best_s, best_alpha = loss, s, alpha
@@ -126,6 +133,15 @@ def _scale_groups(layer: nn.Module) -> list[tuple[str, list[str]]]:
     groups.append(("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]))
     groups.append(("mlp.up_proj", ["mlp.down_proj"]))
     return groups
+
+
+def _inspect(layer: nn.Module, group: list[str]) -> Callable | None:
+    """The output AWQ's loss is measured at: the MLP's output for gate/up (the down
+    projection of silu(gate) * up, as AutoAWQ), else the linear layers' own outputs."""
+    if group != ["mlp.gate_proj", "mlp.up_proj"]:
+        return None
+    down = layer.mlp.down_proj.weight.detach().float()
+    return lambda x, ws: F.linear(F.silu(x @ ws[0].t()) * (x @ ws[1].t()), down)
 
 
 @torch.no_grad()
@@ -199,6 +215,7 @@ class AWQQuantizer(Quantizer):
                         self.group_size,
                         self.n_grid,
                         self.duo_scaling,
+                        forward=_inspect(layer, group),
                     )
                     self.alphas[f"{prefix}.{prev_name}"] = alpha
                     _fold(

@@ -10,6 +10,7 @@ import torch
 
 import minillm
 from minillm.loading import CheckpointError
+from minillm.quant.base import set_module
 from minillm.quant.formats import load_quantized, save_quantized, to_checkpoint
 from minillm.quant.gptq import gptq_quantize, hessian
 from minillm.quant.linear import QuantLinear
@@ -148,8 +149,7 @@ def test_folder_round_trip_is_exact(tmp_path, draft, bits, act_order, method, fm
             if isinstance(m, QuantLinear):
                 p = m.params()
                 p.g_idx = p.g_idx[torch.randperm(m.in_features, generator=rng)]
-                q = QuantLinear.from_params(p, None if m.bias is None else m.bias)
-                model.get_submodule(name.rpartition(".")[0]).__setattr__(name.rpartition(".")[2], q)
+                set_module(model, name, QuantLinear.from_params(p, m.bias))
     save_quantized(model, tmp_path, method, checkpoint_format=fmt, dtype=torch.float32)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == method and qc["bits"] == bits

@@ -1,6 +1,7 @@
 """The Triton W4A16 kernel against its naive twin: CPU interpreter at small sizes (fp32,
 fp16), CUDA at real sizes (`gpu`)."""
 
+import functools
 import os
 
 import pytest
@@ -19,10 +20,11 @@ from minillm.quant.rtn import quantize_rtn
 interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter test")
 
 
+@functools.lru_cache(maxsize=4)
 def _layer(N, K, G, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g)
-    return QuantLinear.from_params(quantize_rtn(w, 4, G)).to(device)
+    w = torch.randn(N, K, generator=g).to(device)  # quantized and packed on the device
+    return QuantLinear.from_params(quantize_rtn(w, 4, G))
 
 
 def _tolerance(ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -89,6 +91,9 @@ def test_quant_linear_uses_the_kernel_on_gpu():
     m = _layer(4096, 4096, 128, device="cuda")
     x = torch.randn(2, 3, 4096, device="cuda", dtype=torch.float16)
     y = m(x)
-    m.use_kernel = False
-    ref = m(x)
+    m.use_kernel = False  # the naive twin
+    try:
+        ref = m(x)
+    finally:
+        m.use_kernel = True  # the layer is cached for the other tests
     assert (y.double() - ref.double()).abs().max() <= 2 * _tolerance(ref.double(), torch.float16)

@@ -97,3 +97,15 @@ def test_rtn_model_footprint_and_outputs():
         }
     assert agree[8] > 0.95, f"8-bit RTN should keep almost every greedy token: {agree}"
     assert agree[2] < agree[4] < agree[8], f"more bits should keep more greedy tokens: {agree}"
+
+
+def test_mse_clip_never_loses_to_min_max():
+    """The clip search includes the full range (shrink factor 1), so per group its
+    sum |w - w_hat|^2.4 can only go down."""
+    w = _weights()
+    err = {}
+    for mse in (False, True):
+        w_hat = quantize_rtn(w, 4, 64, mse=mse).dequantize()
+        err[mse] = (w - w_hat).abs().pow(2.4).view(48, 4, 64).sum(-1)  # (N, groups)
+    assert (err[True] <= err[False] * (1 + 1e-5)).all()
+    assert err[True].sum() < 0.99 * err[False].sum(), "clipping should help some groups"

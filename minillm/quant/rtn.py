@@ -150,8 +150,11 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False
     return quantize_rtn(w, bits, group_size, sym).dequantize().to(w.dtype)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantParams:
-    """Round-to-nearest quantization of a weight matrix (N, K)."""
+def quantize_rtn(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool = False, mse: bool = False
+) -> QuantParams:
+    """Round-to-nearest quantization of a weight matrix (N, K); `mse`: shrink each group's
+    range to the best clip (`find_params_mse`) instead of using min and max."""
     check_bits(bits)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got {tuple(w.shape)}")
@@ -159,11 +162,11 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = False)
     G = check_group_size(group_size, K)
     g_idx = torch.arange(K, dtype=torch.int32, device=w.device) // G
     if group_size == PER_TENSOR:
-        s, z = find_params(w.reshape(1, -1), bits, sym)  # (1,)
+        s, z = (find_params_mse if mse else find_params)(w.reshape(1, -1), bits, sym)  # (1,)
         scales, zeros = s.expand(N, 1).contiguous(), z.expand(N, 1).contiguous()
     else:
         groups = w.reshape(N * (K // G), G)  # (N * groups, G)
-        s, z = find_params(groups, bits, sym)
+        s, z = (find_params_mse if mse else find_params)(groups, bits, sym)
         scales, zeros = s.view(N, K // G), z.view(N, K // G)
     q = quantize_codes(w, scales[:, g_idx.long()], zeros[:, g_idx.long()], bits)
     return QuantParams(q.to(torch.int32), scales, zeros, g_idx, bits, G)
@@ -179,6 +182,7 @@ class RTNQuantizer(Quantizer):
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    mse: bool = False
     skip: tuple[str, ...] = ("lm_head",)
     name = "rtn"
 
@@ -201,7 +205,9 @@ class RTNQuantizer(Quantizer):
                 raise ValueError(f"{name}: {e}") from None
         params = {}
         for name, m in tqdm(layers.items(), disable=not progress, desc="rtn"):
-            params[name] = quantize_rtn(m.weight.detach(), self.bits, self.group_size, self.sym)
+            params[name] = quantize_rtn(
+                m.weight.detach(), self.bits, self.group_size, self.sym, self.mse
+            )
         config = dict(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=False)
         return state_from_params(model, params, {**config, "method": self.name})
 

@@ -159,13 +159,17 @@ def _fold(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
 
 @dataclass
 class AWQQuantizer(Quantizer):
-    """AWQ, int4 (or 3/2/8-bit) per group, asymmetric, layer by layer."""
+    """AWQ, int4 (or 3/2/8-bit) per group, asymmetric, layer by layer.
+
+    clip: AutoAWQ's output-error clipping search; mse: also shrink each group's range by
+    the weight-error search of `find_params_mse` in the final rounding (not in AutoAWQ)."""
 
     bits: int = 4
     group_size: int = 128
     n_grid: int = 20
     duo_scaling: bool = True
     clip: bool = True
+    mse: bool = False  # final rounding with each group's range shrunk (`find_params_mse`)
     batch_size: int = 8
     skip: tuple[str, ...] = DEFAULT_SKIP
     name = "awq"
@@ -234,7 +238,7 @@ class AWQQuantizer(Quantizer):
                                 torch.maximum(torch.minimum(lin.weight, bound), -bound)
                             )
                     params[f"{prefix}.{n}"] = quantize_rtn(
-                        lin.weight.detach(), self.bits, self.group_size
+                        lin.weight.detach(), self.bits, self.group_size, mse=self.mse
                     )
                     if lin.bias is not None:
                         extra[f"{prefix}.{n}.bias"] = lin.bias.detach().clone()

@@ -215,7 +215,13 @@ def _rel(path: Path, root: Path) -> str:
 
 def pytest_configure(config) -> None:
     """Register the reporter once (this module may be loaded by -p and by a conftest),
-    and default to the project's sanitize file when grading without one."""
+    default to the project's sanitize file when grading without one, and start the
+    graded kernels with the thread settings of every executed notebook (see
+    `minillm.exercises.notebooks.kernel_env`)."""
+    from minillm.exercises.notebooks import kernel_env
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, kernel_env()[name])
     if not config.pluginmanager.has_plugin(PLUGIN_NAME):
         config.pluginmanager.register(GradingReporter(), PLUGIN_NAME)
     option = config.option

@@ -13,6 +13,7 @@ Conventions of `notebooks/NN_topic.ipynb` (checked by `notebook_problems`):
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from copy import deepcopy
@@ -183,6 +184,19 @@ class Execution:
         return self.error is None
 
 
+# Notebook kernels run torch on one thread. With two or more OpenMP threads, a kernel
+# process on a small, busy machine (CI's 2 cores) was measured 10-100x slower than the same
+# code in a plain script: the OpenMP workers and the kernel's own threads fight for the
+# cores. Notebooks are small and seeded; one thread gives the same results.
+KERNEL_THREADS = "1"
+
+
+def kernel_env() -> dict[str, str]:
+    """The environment notebook kernels start with (MINILLM_NOTEBOOK_THREADS overrides)."""
+    threads = os.environ.get("MINILLM_NOTEBOOK_THREADS", KERNEL_THREADS)
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
 def execute_notebook(path: str | Path, timeout: int = 600) -> Execution:
     """Run every cell of `path` top to bottom in a fresh kernel of this Python, with the
     notebook's folder as working directory. Never raises for a failing cell: the error
@@ -204,7 +218,7 @@ def execute_notebook(path: str | Path, timeout: int = 600) -> Execution:
     start = time.perf_counter()
     error = None
     try:
-        client.execute()
+        client.execute(env=kernel_env())
     except (CellExecutionError, CellTimeoutError) as e:
         error = _error_summary(nb, e)
     except Exception as e:  # the kernel died or could not start

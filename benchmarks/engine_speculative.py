@@ -43,7 +43,7 @@ SETTINGS = {
 
 
 def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams):
-    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8))  # warm-up
     sync()
     t0 = time.perf_counter()
     outs = [llm.generate([p], params)[0] for p in prompts]  # one request at a time

@@ -137,7 +137,9 @@ def _seq_bounds(cu_seqlens, b, seqlen, IS_VARLEN: tl.constexpr):
     return start, length
 
 
-@triton.jit
+# The lengths change from one engine step to the next: not specialized on them (a value
+# not divisible by 16 would otherwise compile the kernel again, ~0.5 s, inside a step).
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
 def flash_fwd_kernel(
     Q, K, V, O, LSE, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -238,14 +240,17 @@ def flash_attn_forward(
     max_seqlens: tuple[int, int] | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on checked inputs; returns (o, lse), lse fp32 natural log.
 
     Dense: q (B, H, T, D), k/v (B, Hkv, S, D) -> o like q, lse (B, H, T).
-    Packed (`cu_seqlens` given): q (Nq, H, D), k/v (Nk, Hkv, D) -> o like q, lse (H, Nq)."""
+    Packed (`cu_seqlens` given): q (Nq, H, D), k/v (Nk, Hkv, D) -> o like q, lse (H, Nq).
+    `out` (like q, last dim contiguous) receives o instead of a new tensor."""
     varlen = cu_seqlens is not None
     q, k, v = last_dim_contiguous(q, k, v)
-    o = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, T, H, D) seen as (B, H, T, D)
+    # o keeps q's memory layout, e.g. (B, T, H, D) seen as (B, H, T, D); or the caller's `out`
+    o = torch.empty_like(q) if out is None else out
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
     if varlen:
         B, (T, S), (cu_q, cu_k) = cu_seqlens[0].numel() - 1, max_seqlens, cu_seqlens

@@ -163,10 +163,12 @@ def paged_attention(
     max_context_len: int | None = None,
     check_bounds: bool = True,
     block_n: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: q (B, H, D) at position context_lens[b] - 1 of each sequence, over
     k_cache/v_cache (num_blocks, block_size, Hkv, D) through block_tables (B, max_blocks)
-    -> (B, H, D). `num_splits` > 1 is the split-K (flash-decoding) variant; None picks it
+    -> (B, H, D), written into `out` when given. `num_splits` > 1 is the split-K
+    (flash-decoding) variant; None picks it
     from the GPU's size. `max_context_len` (else read from context_lens: a device sync)
     sizes the splits. `check_bounds` validates the tables on the host (another sync)."""
     check_paged_inputs(k_cache, v_cache, block_tables, context_lens, check_bounds)
@@ -206,7 +208,10 @@ def paged_attention(
     per_split = -(-visible // num_splits)
     split_len = -(-per_split // SPLIT_ALIGN) * SPLIT_ALIGN
     num_splits = -(-visible // split_len)  # no split left empty for the longest sequence
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
     split = num_splits > 1
     o_part = (
         torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device) if split else out

@@ -187,14 +187,29 @@ class CausalLM(nn.Module):
         """The packed path of `forward`: ids and positions (N,) -> logits (R, V)."""
         if check_inputs:
             self._check_packed(input_ids, positions)
+        x = self.packed_hidden_states(input_ids, positions, attn_metadata)
+        return self.compute_logits(x, attn_metadata.logits_indices)
+
+    def packed_hidden_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """The decoder layers over a packed batch: ids and positions (N,) -> (N, C), before
+        the final norm. Rows are independent except inside `attn_metadata.attend`."""
         x = self.model.embed_tokens(input_ids)  # (N, C)
         inv_freq = rope_inv_freq(self.config, device=x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)  # (N, D)
         for layer in self.model.layers:
             x = layer(x, cos, sin, self.attn_backend, None, attn_metadata)
-        if attn_metadata.logits_indices is not None:
-            x = x[attn_metadata.logits_indices]  # (R, C): only the rows that are sampled
-        return self.lm_head(self.model.norm(x))  # (R, V)
+        return x
+
+    def compute_logits(
+        self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final norm and LM head on the rows `logits_indices` of hidden (N, C) (all rows
+        when None) -> (R, V)."""
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]  # (R, C): only the rows that are sampled
+        return self.lm_head(self.model.norm(hidden))  # (R, V)
 
     def _check_packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
         for name, t in (("input_ids", input_ids), ("positions", positions)):

@@ -187,5 +187,7 @@ def test_static_decode_buffers_and_multi_step(model, workload, steps):
     for i, (out, ref) in enumerate(zip(outs, refs[:40], strict=False)):
         assert out.outputs[0].token_ids == ref.token_ids, f"request {i}"
     assert engine.runner.num_graph_steps > 0 and engine.scheduler.num_preemptions > 0
+    # Every step with a prompt chunk went through the padded piecewise path.
+    assert engine.runner.num_piecewise_steps > 0 and engine.runner.num_eager_steps == 0
     assert (engine.num_multi_steps > 0) == (steps > 1)
     assert_no_leak(engine)

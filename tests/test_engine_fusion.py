@@ -141,7 +141,10 @@ def test_cuda_graphs_replay_the_eager_steps(fuse):
         llm = LLM("minillm-tiny", device="cuda", dtype=torch.float32, fuse=fuse,
                   cuda_graphs=graphs, max_num_seqs=8, num_scheduler_steps=steps)  # fmt: skip
         outs[graphs, steps] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        assert (llm.engine.runner.num_graph_steps > 0) == graphs
+        runner = llm.engine.runner
+        assert (runner.num_graph_steps > 0) == graphs
+        assert (runner.num_piecewise_steps > 0) == graphs  # the prefill steps
+        assert (runner.num_eager_steps == 0) == graphs
         assert (llm.engine.num_multi_steps > 0) == (steps > 1)
     assert outs[True, 1] == outs[False, 1] == outs[True, 4]
     model = minillm.load_model("minillm-tiny", device="cuda")
@@ -175,3 +178,43 @@ def test_decode_through_sdpa_matches_the_paged_reference(window):
     ref = paged_attention_ref(q, k_cache, v_cache, tables, lens, window)
     got = paged_decode_sdpa(q, k_cache, v_cache, tables, lens, window)
     assert torch.allclose(got, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_piecewise_steps_match_the_eager_forward(device):
+    """A step of prompt chunks and decodes through the piecewise path (captured on CUDA,
+    run eagerly over the same padded buffers on a CPU) gives the eager forward's logits,
+    for token counts on and between the captured sizes."""
+    from minillm.engine.model_runner import BatchRow
+
+    model = minillm.load_model("minillm-tiny", device=device, dtype=torch.float32)
+    config = EngineConfig(block_size=8, max_num_seqs=4, max_model_len=256,
+                          max_num_batched_tokens=160, cuda_graphs=False)  # fmt: skip
+    engine = LLMEngine(model, config=config)
+    runner = engine.runner
+    g = torch.Generator().manual_seed(0)
+    blocks = list(range(engine.bm.num_blocks))
+    first = 20  # a prompt's first chunk; then steps of m tokens: two decodes, a chunk
+    for m in (15, 16, 40, 160):  # 15: padded to 16; 40: to 48; 160: the largest size
+        ids = torch.randint(0, model.config.vocab_size, (first + m,), generator=g).tolist()
+        table = blocks[: -(-(first + m) // 8)]
+        runner.piecewise = None
+        runner.execute([BatchRow(ids[:first], 0, table_slots(table, 0, first), table)])
+        decodes = [
+            BatchRow([ids[first + i]], first - 1 - i, table_slots(table, first - 1 - i, 1), table)
+            for i in range(2)
+        ]  # (positions first - 1 and first - 2 rewritten: the same in both runs)
+        chunk = BatchRow(ids[first + 2 :], first, table_slots(table, first, m - 2), table,
+                         num_logits=m - 2)  # fmt: skip
+        rows = [*decodes, chunk]
+        eager = runner.execute(rows, num_decodes=2)
+        runner.capture_piecewise_graphs(160, capture=device == "cuda")
+        piecewise = runner.execute(rows, num_decodes=2)
+        assert runner.num_piecewise_steps > 0 and eager.shape == (m, model.config.vocab_size)
+        # Only the matmul shapes differ (padded rows): fp32 rounding.
+        err = (piecewise - eager).abs().max()
+        assert torch.allclose(piecewise, eager, atol=1e-4, rtol=1e-4), (m, err)
+
+
+def table_slots(table, start, n, block_size=8):
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]

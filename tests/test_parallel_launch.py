@@ -25,6 +25,9 @@ def ranks_and_bytes(group) -> tuple[int, int, dict]:
 
 
 def rank_dies_before_all_reduce(group) -> None:
+    # One collective that both ranks complete first: the transport is connected, so what
+    # rank 0 then meets is a peer gone mid-run (not a failed connection at start-up).
+    comm.all_reduce(torch.ones(1), group)
     if group.rank() == 1:
         os._exit(1)  # a crash: no exception, no goodbye
     start = time.monotonic()

@@ -47,6 +47,9 @@ class EngineConfig:
         the CUDA graph, so the CPU schedules once per S tokens). CUDA graphs only.
     cuda_graphs: capture decode steps in CUDA graphs (CUDA only).
     cuda_graph_max_batch: the largest decode batch that runs as a graph.
+    piecewise_max_tokens: with cuda_graphs, steps that are not pure decode batches replay
+        the model's layers between its attention calls as graphs (`minillm.engine.piecewise`)
+        when they hold at most this many tokens (0: such steps run eagerly).
     """
 
     block_size: int = 16
@@ -63,6 +66,7 @@ class EngineConfig:
     num_scheduler_steps: int = 1
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    piecewise_max_tokens: int = 8192
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -72,6 +76,9 @@ class EngineConfig:
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _positive_int("cuda_graph_max_batch", self.cuda_graph_max_batch)
+        p = self.piecewise_max_tokens
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(f"piecewise_max_tokens must be an integer >= 0, got {p!r}")
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 16:
             raise ValueError(f"num_speculative_tokens must be an integer in [0, 16], got {k!r}")

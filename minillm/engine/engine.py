@@ -80,11 +80,18 @@ class LLMEngine:
         """Decode steps through static buffers, captured as CUDA graphs (capture=False runs
         them eagerly: the same code path on a CPU), and multi-step decoding on top."""
         cfg, k = self.config, self.config.num_speculative_tokens
+        if capture and self.use_triton:
+            for r in self.runners:
+                r.warm_up_attention(cfg.max_num_batched_tokens)
         max_blocks = -(-cfg.max_model_len // cfg.block_size) + self.scratch_per_seq
         for r, rows in zip(self.runners, (1 + k, 2), strict=False):  # decode rows per sequence
             r.capture_cuda_graphs(
                 min(cfg.max_num_seqs * rows, cfg.cuda_graph_max_batch), max_blocks, capture
             )
+            if cfg.piecewise_max_tokens:  # every other step: the pieces between attentions
+                r.capture_piecewise_graphs(
+                    min(cfg.piecewise_max_tokens, cfg.max_num_batched_tokens), capture
+                )
         self.scheduler.multi_step = cfg.num_scheduler_steps
 
     def _num_blocks(self, models: list[CausalLM]) -> int:

@@ -12,11 +12,14 @@ others), runs one forward and returns the logits of the rows that are sampled:
 
 Decode rows (one token whose slot follows the block table) come first and go through
 paged decode attention; on CUDA, a step made only of decodes replays a CUDA graph
-(`minillm.engine.cuda_graphs`), so its hundreds of kernels cost one launch.
+(`minillm.engine.cuda_graphs`), so its hundreds of kernels cost one launch; any other
+step replays the pieces of the forward between its attention calls
+(`minillm.engine.piecewise`).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +56,8 @@ class ModelRunner:
         self.use_triton = use_triton
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.graphs = None  # a CUDAGraphs, set by `capture_cuda_graphs`
-        self.num_graph_steps = self.num_eager_steps = 0
+        self.piecewise = None  # a PiecewiseGraphs, set by `capture_piecewise_graphs`
+        self.num_graph_steps = self.num_piecewise_steps = self.num_eager_steps = 0
 
     def capture_cuda_graphs(self, max_batch: int, max_blocks: int, capture: bool = True) -> None:
         """Capture decode steps of up to `max_batch` rows whose block tables have at most
@@ -62,6 +66,46 @@ class ModelRunner:
         from minillm.engine.cuda_graphs import CUDAGraphs
 
         self.graphs = CUDAGraphs(self, max_batch, max_blocks, capture)
+
+    def capture_piecewise_graphs(self, max_tokens: int, capture: bool = True) -> None:
+        """Capture the model's forward between its attention calls for batches of up to
+        `max_tokens` tokens (`minillm.engine.piecewise`; capture=False runs the same padded
+        batches eagerly, also on a CPU)."""
+        from minillm.engine.piecewise import PiecewiseGraphs
+
+        self.piecewise = PiecewiseGraphs(self, max_tokens, capture)
+
+    @torch.inference_mode()
+    def warm_up_attention(self, max_tokens: int) -> None:
+        """Run the Triton attention kernels once for every autotuning key a step can meet:
+        prompt chunks of up to `max_tokens` queries (flash attention's key is the next
+        power of two) and decode contexts up to max_model_len, split and not (paged
+        decode's key). Autotuning a key takes ~0.4 s; done here, it never lands inside a
+        step, where it would stall every running sequence."""
+        from minillm.kernels.flash_attn import flash_attn_forward, seq_bucket
+        from minillm.kernels.paged_attention import paged_attention
+
+        c, dev, dtype = self.model.config, self.device, self.model.dtype
+        H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        windows = {getattr(layer.self_attn, "window", None) for layer in self.model.model.layers}
+        k_cache, v_cache = self.kv_cache.layer(0)
+        top = seq_bucket(min(max_tokens, self.max_model_len))
+        for T in (16 << i for i in range(top.bit_length() - 4)):  # 16, 32, ..., top
+            q = torch.zeros(T, H, D, dtype=dtype, device=dev)
+            kv = torch.zeros(T, Hkv, D, dtype=dtype, device=dev)
+            cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
+            for w in windows:
+                flash_attn_forward(q, kv, kv, True, w, D**-0.5, (cu, cu), (T, T))
+        ctx, q = 256, torch.zeros(1, H, D, dtype=dtype, device=dev)
+        while ctx // 2 < self.max_model_len:
+            n = min(ctx, self.max_model_len)
+            tables = torch.zeros(1, -(-n // self.block_size), dtype=torch.int32, device=dev)
+            lens = torch.tensor([n], dtype=torch.int32, device=dev)
+            for w, splits in itertools.product(windows, (1, 2)):
+                paged_attention(q, k_cache, v_cache, tables, lens, window=w, num_splits=splits,
+                                max_context_len=n, check_bounds=False)  # fmt: skip
+            ctx *= 2
+        torch.cuda.synchronize(dev)
 
     def _tensor(self, values: list[int], dtype=torch.int64) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -83,7 +127,6 @@ class ModelRunner:
         if self.graphs is not None and num_decodes == len(rows) and self.graphs.fits(len(rows)):
             self.num_graph_steps += 1
             return self.graphs.run(rows)
-        self.num_eager_steps += 1
         ids, positions, slots = [], [], []
         for r in rows:
             ids += r.token_ids
@@ -118,6 +161,11 @@ class ModelRunner:
             md.kv_slots = self._tensor(key_slots)
             md.cu_seqlens_q = self._tensor(_prefix_sums(md.query_lens), torch.int32)
             md.cu_seqlens_k = self._tensor(_prefix_sums(md.key_lens), torch.int32)
+        if self.piecewise is not None and self.piecewise.fits(len(ids)):
+            self.num_piecewise_steps += 1
+            hidden = self.piecewise.run(self._tensor(ids), self._tensor(positions), md)
+            return self.model.compute_logits(hidden, md.logits_indices)
+        self.num_eager_steps += 1
         return self.model(
             self._tensor(ids), self._tensor(positions), attn_metadata=md, check_inputs=False
         )

@@ -68,9 +68,11 @@ class AttentionMetadata:
         k: torch.Tensor,
         v: torch.Tensor,
         window: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store k, v (N, Hkv, D) of layer `layer_idx` in the pool, then attend: q (N, H, D)
-        -> (N, H, D), every query over its own sequence's keys (causal, `window`)."""
+        -> (N, H, D), every query over its own sequence's keys (causal, `window`); written
+        into `out` (N, H, D) when given."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
         if self.use_triton:
             from minillm.kernels.reshape_and_cache import reshape_and_cache
@@ -79,44 +81,47 @@ class AttentionMetadata:
         else:
             reshape_and_cache_ref(k, v, k_cache, v_cache, self.slot_mapping)
         nd = self.num_decodes
-        parts = []
+        out = torch.empty_like(q) if out is None else out
         if nd:
-            parts.append(self._decode(q[:nd], k_cache, v_cache, window))
+            self._decode(q[:nd], k_cache, v_cache, window, out[:nd])
         if self.num_prefills:
-            parts.append(self._prefill(q[nd:], k_cache, v_cache, window))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            self._prefill(q[nd:], k_cache, v_cache, window, out[nd:])
+        return out
 
-    def _decode(self, q, k_cache, v_cache, window):
+    def _decode(self, q, k_cache, v_cache, window, out):
         if self.use_triton:
             from minillm.kernels.paged_attention import paged_attention
 
-            return paged_attention(
+            paged_attention(
                 q, k_cache, v_cache, self.block_tables, self.context_lens, window=window,
                 num_splits=self.decode_num_splits, max_context_len=self.max_decode_context,
-                check_bounds=False,
+                check_bounds=False, out=out,
             )  # fmt: skip
-        return paged_decode_sdpa(q, k_cache, v_cache, self.block_tables, self.context_lens, window,
-                                 self.max_decode_context or None)  # fmt: skip
+            return
+        out.copy_(paged_decode_sdpa(q, k_cache, v_cache, self.block_tables, self.context_lens,
+                                    window, self.max_decode_context or None))  # fmt: skip
 
-    def _prefill(self, q, k_cache, v_cache, window):
+    def _prefill(self, q, k_cache, v_cache, window, out):
         Hkv, D = k_cache.shape[2:]
         k = k_cache.view(-1, Hkv, D)[self.kv_slots]  # (sum S_b, Hkv, D): each sequence's keys
         v = v_cache.view(-1, Hkv, D)[self.kv_slots]
         if self.use_triton:
-            from minillm.kernels.flash_attn_interface import flash_attn_varlen_func
+            # The kernel's launcher, not `flash_attn_varlen_func`: the engine built these
+            # tensors, and that function's checks read cu_seqlens back to the host (a sync
+            # per layer); inference needs no autograd node either.
+            from minillm.kernels.flash_attn import flash_attn_forward
 
-            return flash_attn_varlen_func(
-                q, k, v, self.cu_seqlens_q, self.cu_seqlens_k, max(self.query_lens),
-                max(self.key_lens), causal=True, window=window,
-            )  # fmt: skip
-        out, qs, ks = [], 0, 0
+            lens = (max(self.query_lens), max(self.key_lens))
+            cu = (self.cu_seqlens_q, self.cu_seqlens_k)
+            flash_attn_forward(q, k, v, True, window, q.shape[-1] ** -0.5, cu, lens, out=out)
+            return
+        qs, ks = 0, 0
         for T, S in zip(self.query_lens, self.key_lens, strict=True):
             qb = q[qs : qs + T].transpose(0, 1)[None]  # (1, H, T, D)
             kb = k[ks : ks + S].transpose(0, 1)[None]  # (1, Hkv, S, D)
             vb = v[ks : ks + S].transpose(0, 1)[None]
-            out.append(attention(qb, kb, vb, window, self.backend)[0].transpose(0, 1))
+            out[qs : qs + T] = attention(qb, kb, vb, window, self.backend)[0].transpose(0, 1)
             qs, ks = qs + T, ks + S
-        return torch.cat(out)  # (sum T_b, H, D)
 
 
 def paged_decode_sdpa(

@@ -5,6 +5,9 @@ append / fork / free sequences against a shadow pool that stores, in every slot,
 of the token written there (a value that depends on the whole prefix, as real K/V do).
 Last, attention over prefix-cache hits must equal a cold run bit for bit."""
 
+import itertools
+import random
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -290,3 +293,31 @@ def test_prefix_cache_hits_are_bit_identical_through_the_kernel():
         for (k, v), t in ((pool.layer(0), table), (cold.layer(0), cold_table))
     ]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_append_slots_equals_one_token_at_a_time(caching):
+    """A prompt chunk appended at once leaves the manager as token-by-token appends do:
+    the same slots, block tables, free blocks and prefix-cache entries."""
+    rng = random.Random(0)
+    managers = [BlockManager(40, 4, enable_prefix_caching=caching) for _ in range(2)]
+    tokens = [rng.randrange(50) for _ in range(60)]
+    for bm in managers:
+        bm.allocate("a", tokens[:3])
+        bm.allocate("b", tokens[:9])  # its full blocks are cached: a's equal blocks meet them
+    one, many = managers
+    cuts = [3, 4, 9, 10, 25, 26, 27, 60]
+    for lo, hi in itertools.pairwise(cuts):
+        expect = [one.append_slot("a", t)[0] for t in tokens[lo:hi]]
+        assert many.append_slots("a", tokens[lo:hi]) == expect
+        assert many.block_table("a") == one.block_table("a")
+        assert many.num_free_blocks == one.num_free_blocks
+        assert many.hash_to_block == one.hash_to_block
+        assert many.seqs["a"].last_hash == one.seqs["a"].last_hash
+    assert many.append_slots("a", []) == []
+    many.append_slots("a", [7])  # a partly filled last block...
+    many.fork("a", "c")  # ... now shared
+    with pytest.raises(ValueError, match="shared"):
+        many.append_slots("a", [1])
+    with pytest.raises(NoFreeBlocksError):
+        many.append_slots("b", [0] * 4 * 40)

@@ -213,6 +213,25 @@ class BlockManager:
             )
         return seq.block_table[-1] * bs + n % bs, cow
 
+    def append_slots(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[int]:
+        """Grow a sequence by several tokens at once (a prompt chunk); their slots. The
+        sequence's last block must not be shared (no copy-on-write: use `append_slot`)."""
+        seq, bs = self._seq(seq_id), self.block_size
+        n, m = len(seq.token_ids), len(token_ids)
+        if n % bs and self.blocks[seq.block_table[-1]].ref_count > 1:
+            raise ValueError("the last block is shared: grow it with append_slot (copy-on-write)")
+        new = self._blocks_needed(n + m) - len(seq.block_table)
+        if new > self.num_free_blocks:
+            raise NoFreeBlocksError(f"{new} blocks needed, {self.num_free_blocks} free")
+        seq.block_table.extend(self._take_free_block() for _ in range(new))
+        seq.token_ids.extend(int(t) for t in token_ids)
+        if self.enable_prefix_caching:
+            for i in range(n // bs, (n + m) // bs):  # the blocks that filled up, in order
+                tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                seq.last_hash = self._register(seq.block_table[i], seq.last_hash, tokens)
+        table = seq.block_table
+        return [table[t // bs] * bs + t % bs for t in range(n, n + m)]
+
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """A new sequence sharing every block (and token) of `parent_id` (n > 1 samples)."""
         parent = self._seq(parent_id)

@@ -101,10 +101,9 @@ class CUDAGraphs:
             meta[:, i] = (r.token_ids[0], r.start, r.slots[0], r.start + 1)
             tables[i, : len(r.block_table)] = r.block_table
         valid = np.arange(size) < b
-        for dst, src in ((self.meta[:, :size], meta), (self.tables[:size], tables),
-                         (self.valid[:size], valid)):  # fmt: skip
-            src = torch.from_numpy(src)
-            dst.copy_(src.pin_memory() if self.capture else src, non_blocking=self.capture)
+        dsts = (self.meta[:, :size], self.tables[:size], self.valid[:size])
+        for dst, src in zip(dsts, self.runner._upload([meta, tables, valid]), strict=True):
+            dst.copy_(src)  # one upload, then copies on the device (and dtype casts)
         self.step.zero_()
         return size
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minillm.cache.paged import PagedKVCache
@@ -58,6 +59,8 @@ class ModelRunner:
         self.graphs = None  # a CUDAGraphs, set by `capture_cuda_graphs`
         self.piecewise = None  # a PiecewiseGraphs, set by `capture_piecewise_graphs`
         self.num_graph_steps = self.num_piecewise_steps = self.num_eager_steps = 0
+        self._staging: torch.Tensor | None = None  # pinned host buffer of `_upload`
+        self._staged: torch.cuda.Event | None = None  # its last copy
 
     def capture_cuda_graphs(self, max_batch: int, max_blocks: int, capture: bool = True) -> None:
         """Capture decode steps of up to `max_batch` rows whose block tables have at most
@@ -107,16 +110,34 @@ class ModelRunner:
             ctx *= 2
         torch.cuda.synchronize(dev)
 
-    def _tensor(self, values: list[int], dtype=torch.int64) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        return (
-            t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
-        )
+    def _upload(self, arrays: list) -> list[torch.Tensor]:
+        """Host integer arrays -> device int64 tensors, in one copy: on CUDA through a
+        pinned staging buffer, so the copy runs asynchronously (pinning each small array
+        anew costs more than the whole copy)."""
+        parts = [np.asarray(a, dtype=np.int64) for a in arrays]
+        flat = np.concatenate([a.ravel() for a in parts])
+        if self.device.type != "cuda":
+            t = torch.from_numpy(flat)
+        else:
+            n = flat.size
+            if self._staging is None or self._staging.numel() < n:
+                size = max(n, 2 * (0 if self._staging is None else self._staging.numel()), 4096)
+                self._staging = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            elif self._staged is not None:
+                self._staged.synchronize()  # the previous copy out of the buffer is done
+            host = self._staging[:n]
+            host.numpy()[:] = flat
+            t = host.to(self.device, non_blocking=True)
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+        out = torch.split(t, [a.size for a in parts])
+        return [o.view(a.shape) for o, a in zip(out, parts, strict=True)]
 
-    def key_slots(self, row: BatchRow) -> list[int]:
+    def key_slots(self, row: BatchRow) -> np.ndarray:
         """Pool slots of every key of the row: positions 0 .. start - 1, then its tokens."""
-        bs, table = self.block_size, row.block_table
-        return [table[p // bs] * bs + p % bs for p in range(row.start)] + row.slots
+        bs, table = self.block_size, np.asarray(row.block_table, dtype=np.int64)
+        prefix = (table[:, None] * bs + np.arange(bs)).ravel()[: row.start]  # (start,)
+        return np.concatenate([prefix, np.asarray(row.slots, dtype=np.int64)])
 
     @torch.inference_mode()
     def execute(self, rows: list[BatchRow], num_decodes: int = 0) -> torch.Tensor:
@@ -128,54 +149,61 @@ class ModelRunner:
             self.num_graph_steps += 1
             return self.graphs.run(rows)
         ids, positions, slots = [], [], []
-        for r in rows:
-            ids += r.token_ids
-            positions += range(r.start, r.start + len(r.token_ids))
-            slots += r.slots
         logits_rows, offset = [], 0
         for r in rows:
-            offset += len(r.token_ids)
+            n = len(r.token_ids)
+            ids += r.token_ids
+            positions += range(r.start, r.start + n)
+            slots += r.slots
+            offset += n
             logits_rows += range(offset - r.num_logits, offset)
+        # Everything the step needs on the device, in one upload: (name, values).
+        host = [("ids", ids), ("positions", positions), ("slots", slots)]
+        if len(logits_rows) != offset:
+            host.append(("logits", logits_rows))
+        decodes, prefills = rows[:num_decodes], rows[num_decodes:]
+        if decodes:
+            width = max(len(r.block_table) for r in decodes)
+            tables = [r.block_table + [0] * (width - len(r.block_table)) for r in decodes]
+            lens = [r.start + 1 for r in decodes]
+            host += [("tables", np.array(tables).reshape(len(decodes), width)), ("lens", lens)]
+        if prefills:
+            query_lens = [len(r.token_ids) for r in prefills]
+            key_lens = [r.start + len(r.token_ids) for r in prefills]
+            host += [
+                ("kv_slots", np.concatenate([self.key_slots(r) for r in prefills])),
+                ("cu_q", _prefix_sums(query_lens)),
+                ("cu_k", _prefix_sums(key_lens)),
+            ]
+        dev = dict(zip([k for k, _ in host], self._upload([v for _, v in host]), strict=True))
         md = AttentionMetadata(
             kv_cache=self.kv_cache,
-            slot_mapping=self._tensor(slots),
+            slot_mapping=dev["slots"],
             num_decodes=num_decodes,
-            logits_indices=None if len(logits_rows) == offset else self._tensor(logits_rows),
+            logits_indices=dev.get("logits"),
             use_triton=self.use_triton,
             backend=self.model.attn_backend,
         )
-        if num_decodes:
-            decodes = rows[:num_decodes]
-            width = max(len(r.block_table) for r in decodes)
-            md.block_tables = self._tensor(
-                [r.block_table + [0] * (width - len(r.block_table)) for r in decodes], torch.int32
-            )  # (num_decodes, width)
-            lens = [r.start + 1 for r in decodes]
-            md.context_lens = self._tensor(lens, torch.int32)
+        if decodes:
+            md.block_tables = dev["tables"].int()  # (num_decodes, width)
+            md.context_lens = dev["lens"].int()
             md.max_decode_context = max(lens)
-        prefills = rows[num_decodes:]
         if prefills:
-            md.query_lens = [len(r.token_ids) for r in prefills]
-            md.key_lens = [r.start + len(r.token_ids) for r in prefills]
-            key_slots = [s for r in prefills for s in self.key_slots(r)]
-            md.kv_slots = self._tensor(key_slots)
-            md.cu_seqlens_q = self._tensor(_prefix_sums(md.query_lens), torch.int32)
-            md.cu_seqlens_k = self._tensor(_prefix_sums(md.key_lens), torch.int32)
+            md.query_lens, md.key_lens, md.kv_slots = query_lens, key_lens, dev["kv_slots"]
+            md.cu_seqlens_q, md.cu_seqlens_k = dev["cu_q"].int(), dev["cu_k"].int()
         if self.piecewise is not None and self.piecewise.fits(len(ids)):
             self.num_piecewise_steps += 1
-            hidden = self.piecewise.run(self._tensor(ids), self._tensor(positions), md)
+            hidden = self.piecewise.run(dev["ids"], dev["positions"], md)
             return self.model.compute_logits(hidden, md.logits_indices)
         self.num_eager_steps += 1
-        return self.model(
-            self._tensor(ids), self._tensor(positions), attn_metadata=md, check_inputs=False
-        )
+        return self.model(dev["ids"], dev["positions"], attn_metadata=md, check_inputs=False)
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         """Move K/V between pool slots in every layer (accepted speculative tokens leave
         their scratch slots for the slots the block manager gave them)."""
         if not src:
             return
-        s, d = self._tensor(src), self._tensor(dst)
+        s, d = self._upload([src, dst])
         for pool in (self.kv_cache.k_cache, self.kv_cache.v_cache):
             L, NB, BS, Hkv, D = pool.shape
             flat = pool.view(L, NB * BS, Hkv, D)

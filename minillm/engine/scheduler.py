@@ -119,12 +119,8 @@ class Scheduler:
 
     def grow(self, seq: Sequence, end: int) -> list[int]:
         """Append tokens num_computed .. end - 1 to the sequence's blocks; their slots."""
-        slots = []
-        for t in seq.token_ids[seq.num_computed_tokens : end]:
-            slot, cow = self.bm.append_slot(seq.seq_id, t)
-            assert cow is None, "engine sequences never share a partly filled block"
-            slots.append(slot)
-        return slots
+        # Engine sequences never share a partly filled block: no copy-on-write.
+        return self.bm.append_slots(seq.seq_id, seq.token_ids[seq.num_computed_tokens : end])
 
     def preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Preemption by recompute: free the blocks, back to the front of the queue."""

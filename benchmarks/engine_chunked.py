@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a seconds-long CPU run")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None,
+                        help="budgets of the chunked runs (default: 256 ... 2048)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU (or --smoke)")
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> Path:
     s = SETTINGS["smoke" if args.smoke else "cuda"]
     model = build_model(s["model"], device, s["dtype"])
     inject_fused_modules(model)
+    if args.budgets:
+        s = {**s, "budgets": args.budgets}
     rows = [run_one(model, s, budget, print) for budget in [None, *s["budgets"]]]
     settings = {k: str(v) for k, v in s.items()}
     name = "engine_chunked" + ("_smoke" if args.smoke else "")

@@ -22,6 +22,8 @@ block tables reach S - 1 positions further (the engine's lookahead blocks).
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
@@ -75,6 +77,16 @@ class CUDAGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        # No garbage collection while capturing: a collected pinned buffer or CUDA event
+        # would call CUDA in the middle of a capture.
+        gc.collect()
+        gc.disable()
+        try:
+            self._capture_sizes()
+        finally:
+            gc.enable()
+
+    def _capture_sizes(self) -> None:
         pool = None
         for size in reversed(self.sizes):  # largest first: the others reuse its memory
             self.step.zero_()

@@ -27,6 +27,8 @@ pieces are exactly the model's code.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from minillm.layers.attention_metadata import AttentionMetadata
@@ -108,6 +110,19 @@ class PiecewiseGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        # As `torch.cuda.graph` does: collect garbage first, and none during the capture (a
+        # collected pinned buffer or CUDA event would call CUDA in the middle of it).
+        torch.cuda.synchronize(self.device)
+        gc.collect()
+        gc.disable()
+        try:
+            self._capture_sizes(model, outs, pool, stream)
+        finally:
+            gc.enable()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+
+    def _capture_sizes(self, model, outs, pool, stream) -> None:
         with torch.cuda.stream(stream):
             for size in reversed(self.sizes):  # largest first: the others reuse its memory
                 ids, pos = self.ids[:size], self.positions[:size]
@@ -120,8 +135,6 @@ class PiecewiseGraphs:
                 cap.graphs[-1].capture_end()
                 self.pieces[size], self.hidden[size] = cap.graphs, hidden
                 self.sites[size] = [(*site, outs[i]) for i, site in enumerate(cap.sites)]
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata):
         """Hidden states (n, C) of the packed batch ids/positions (n,) (on the device)."""

@@ -33,6 +33,7 @@ def _device(name: str) -> torch.device:
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SMALL_MODEL = 100_000_000  # parameters: below this, `generate` runs on one CPU thread
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -48,6 +49,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     model = load_model(args.model, dtype=dtype, device=device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        # A small model's ops take microseconds: a second thread only adds synchronization,
+        # and on a busy machine each op waits for a descheduled thread (10-100x slower).
+        torch.set_num_threads(1)
     context = model.config.max_position_embeddings
     from minillm.tokenizer import load_tokenizer
 
@@ -84,6 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.flush()
     seconds = time.perf_counter() - t0
     how = "engine: paged KV" + (", CUDA graphs" if llm.engine.runner.graphs else "")
+    n_threads = torch.get_num_threads()
+    threads = f" ({n_threads} thread{'s' * (n_threads > 1)})" if device.type == "cpu" else ""
     if llm.engine.spec is not None:
         s = llm.engine.spec
         how += (
@@ -91,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     print(
         f"[{n} tokens in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} tokens/s; prompt "
-        f"{len(prompt_ids)} tokens; {args.model} on {device}, {how}]",
+        f"{len(prompt_ids)} tokens; {args.model} on {device}{threads}, {how}]",
         file=sys.stderr,
     )
     return 0
@@ -229,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     g.add_argument("--draft-model", default=None, help="speculative decoding with this draft")
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens (4)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 below 100M parameters, else torch's)")  # fmt: skip
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="run the engine benchmarks (JSON + plots)")

@@ -31,6 +31,14 @@ def test_generate_streams_text_and_reports_speed(tmp_path):
     assert out.stdout.startswith("def add(a, b):")
     assert len(out.stdout) > len("def add(a, b):") + 5
     assert "tokens/s" in out.stderr and "20 tokens" in out.stderr
+    assert "(1 thread)" in out.stderr  # a small model on one thread
+
+
+def test_generate_threads_flag():
+    out = run("generate", "import", "--max-new-tokens", "3", "--threads", "2")
+    assert out.returncode == 0 and "(2 threads)" in out.stderr, out.stderr
+    bad = run("generate", "import", "--threads", "0")
+    assert bad.returncode != 0 and "--threads must be >= 1" in bad.stderr
 
 
 def test_generate_is_reproducible_with_a_seed():

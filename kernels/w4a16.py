@@ -22,6 +22,13 @@ Pseudo-code, one program per (BLOCK_M rows of x, BLOCK_N columns, one of SPLIT_K
         acc += part * scale[g]                                       # one scale per column
     out[m-block, n-block] (+)= acc      # atomic add of the SPLIT_K partial sums in fp32
 
+A single row (batch 1, decoding) has a second kernel, `_w4a16_gemv_kernel`: no matrix
+unit at all (a 16-row tile would be 15/16 padding), the BLOCK_K codes of a column block
+unpacked at once, multiplied by the contiguous slice of x and summed down the columns on
+the CUDA cores; each SPLIT_K slice writes its partial sums to its own row of a buffer
+that one reduction adds up (no zero-fill, no atomics). The tuner times both kernels'
+candidates for M = 1 and keeps the faster.
+
 Split-K is what makes batch 1-16 fast: with only N/BLOCK_N column blocks there are too
 few programs to keep every SM streaming weights, so K is cut into SPLIT_K slices too.
 Block sizes and SPLIT_K are tuned per shape on the GPU (timed, cached); the interpreter
@@ -134,6 +141,45 @@ if triton is not None:
         else:
             tl.atomic_add(out, acc, mask=mask)
 
+    @triton.jit
+    def _w4a16_gemv_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr,
+        N, K,
+        stride_xk, stride_qk, stride_qn, stride_sg, stride_zg, stride_ps,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):  # fmt: skip
+        """One row: part[pid_k, n-block] = sum over this program's K slice of x[k] w[k, n]."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_p = tl.arange(0, BLOCK_K // 8)  # packed rows of one K block
+        offs_k = tl.arange(0, BLOCK_K)
+        shifts = tl.arange(0, 8) * 4  # nibble j of word row i holds code row 8i + j
+        z_shift = (offs_n % 8) * 4
+        n_iters = K // BLOCK_K
+        per_split = tl.cdiv(n_iters, SPLIT_K)
+        it_end = tl.minimum((pid_k + 1) * per_split, n_iters)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for it in range(pid_k * per_split, it_end):
+            k0 = it * BLOCK_K
+            g = k0 // GROUP_SIZE  # the whole block lies in one group
+            packed = tl.load(
+                qw_ptr + (k0 // 8 + offs_p)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                mask=mask_n[None, :],
+                other=0,
+            )  # (BLOCK_K/8, BLOCK_N) int32
+            codes = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # (BLOCK_K/8, 8, BLOCK_N)
+            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row 8i + j: code row k0 + 8i + j
+            zero = (
+                tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0) >> z_shift
+            ) & 0xF
+            scale = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0)
+            x = tl.load(x_ptr + (k0 + offs_k) * stride_xk).to(tl.float32)  # (BLOCK_K,)
+            w = (codes - zero[None, :]).to(tl.float32)  # exact: integers in [-15, 15]
+            acc += tl.sum(x[:, None] * w, axis=0) * scale.to(tl.float32)
+        tl.store(part_ptr + pid_k * stride_ps + offs_n, acc, mask=mask_n)
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -143,6 +189,7 @@ class KernelConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False  # the one-row kernel (M = 1; block_m unused)
 
 
 def _gemv_configs() -> list[KernelConfig]:
@@ -150,6 +197,15 @@ def _gemv_configs() -> list[KernelConfig]:
     cfgs = [KernelConfig(16, bn, 128, sk) for bn in (64, 128) for sk in (1, 2, 4, 8, 16)]
     cfgs += [KernelConfig(16, 256, 128, sk, num_warps=8) for sk in (2, 4, 8, 16)]
     return cfgs
+
+
+def _gemv1_configs() -> list[KernelConfig]:
+    """Candidates of the one-row kernel (M = 1)."""
+    return [
+        KernelConfig(1, bn, bk, sk, num_warps=w, gemv=True)
+        for bn, bk, w in [(32, 128, 2), (64, 128, 4), (128, 64, 4), (128, 128, 8), (256, 64, 8)]
+        for sk in (1, 2, 4, 8)
+    ]
 
 
 def _gemm_configs() -> list[KernelConfig]:
@@ -196,6 +252,19 @@ def _check(x, qweight, scales, qzeros, group_size):
 def _launch(x, qweight, scales, qzeros, group_size, cfg: KernelConfig) -> torch.Tensor:
     M, K = x.shape
     N = qweight.shape[1]
+    if cfg.gemv:
+        if M != 1:
+            raise ValueError(f"the one-row kernel takes M = 1, got M = {M}")
+        part = torch.empty(cfg.split_k, N, device=x.device, dtype=torch.float32)
+        _w4a16_gemv_kernel[(triton.cdiv(N, cfg.block_n), cfg.split_k)](
+            x, qweight, scales, qzeros, part,
+            N, K,
+            x.stride(1), qweight.stride(0), qweight.stride(1),
+            scales.stride(0), qzeros.stride(0), part.stride(0),
+            GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return (part[0] if cfg.split_k == 1 else part.sum(0))[None].to(x.dtype)  # (1, N)
     if cfg.split_k == 1:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     else:
@@ -222,14 +291,21 @@ def _tune(x, qweight, scales, qzeros, group_size) -> KernelConfig:
         from triton.testing import do_bench
 
         cands = _gemv_configs() if M <= 16 else _gemm_configs()
-        times = {}
+        if M == 1:
+            cands += _gemv1_configs()
+        times, errors = {}, []
         for cfg in cands:
             if group_size % cfg.block_k:
                 continue
-            times[cfg] = do_bench(
-                lambda cfg=cfg: _launch(x, qweight, scales, qzeros, group_size, cfg),
-                warmup=5, rep=20,
-            )  # fmt: skip
+            try:
+                times[cfg] = do_bench(
+                    lambda cfg=cfg: _launch(x, qweight, scales, qzeros, group_size, cfg),
+                    warmup=5, rep=20,
+                )  # fmt: skip
+            except Exception as e:  # a candidate this GPU cannot run (resources): skip it
+                errors.append(f"{cfg}: {type(e).__name__}: {e}"[:200])
+        if not times:
+            raise RuntimeError("no W4A16 kernel configuration ran: " + "; ".join(errors[:3]))
         _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 

@@ -48,6 +48,22 @@ def test_kernel_equals_naive_in_the_interpreter(dtype, M, split_k):
 
 
 @interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("block_k", "split_k"), [(64, 1), (64, 3), (128, 2)])
+def test_one_row_kernel_equals_naive_in_the_interpreter(dtype, block_k, split_k):
+    N, K, G = 96, 512, 128  # masked columns; 3 slices of 8 (or 4) K blocks: a short last one
+    m = _layer(N, K, G)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(2)).to(dtype)
+    cfg = KernelConfig(1, 64, block_k, split_k, gemv=True)
+    y = w4a16_matmul(x, m.qweight, m.scales, m.qzeros, G, cfg)
+    ref = w4a16_matmul_naive(x.double(), m.qweight, m.scales.double(), m.qzeros, G)
+    assert y.dtype == dtype and y.shape == (1, N)
+    assert (y.double() - ref).abs().max() <= _tolerance(ref, dtype)
+    with pytest.raises(ValueError, match="one-row kernel takes M = 1"):
+        w4a16_matmul(torch.cat([x, x]), m.qweight, m.scales, m.qzeros, G, cfg)
+
+
+@interpreter
 def test_kernel_default_config_in_the_interpreter():
     m = _layer(64, 256, 128)
     x = torch.randn(3, 256, dtype=torch.float16)

@@ -13,6 +13,7 @@ from minillm.quant.awq import (
     _fake_quant,
     _fold,
     _gqa_share,
+    _inspect,
     awq_clip_search,
     awq_scale_search,
 )
@@ -231,6 +232,31 @@ def test_awq_cuts_block_output_error_vs_rtn(draft_and_tokens):
     # measured ~0.7 of RTN's summed error; scales that ignored the activations (alpha = 0
     # only) left ~0.95 and were worse than RTN at layer 1
     assert e_awq.sum() < 0.85 * e_rtn.sum(), f"AWQ {e_awq.tolist()} vs RTN {e_rtn.tolist()}"
+
+
+def test_awq_inspects_the_attention_and_mlp_outputs(draft_and_tokens):
+    """The scale loss of q/k/v is read at the attention output, of gate/up at the MLP's:
+    with the weights swapped in, the same numbers as the modules themselves."""
+    from minillm.quant.sequential import LayerRunner
+
+    base, cal = draft_and_tokens
+    runner = LayerRunner(base, cal)
+    layer = base.model.layers[0]
+    x = runner.capture(layer, ["self_attn.q_proj"])["self_attn.q_proj"]  # (n, C)
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    T = cal.shape[1]
+    with torch.no_grad():
+        f = _inspect(
+            layer, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], runner, T, "module"
+        )
+        ref = attn(x.view(-1, T, x.shape[1]), runner.cos, runner.sin).reshape(len(x), -1)
+        assert torch.allclose(f(x, qkv), ref, atol=1e-5)
+        halved = f(x, [qkv[0], qkv[1], qkv[2] / 2])  # v halved: the attention output halves
+        assert torch.allclose(halved, ref / 2, atol=1e-5)
+        g = _inspect(layer, ["mlp.gate_proj", "mlp.up_proj"], runner, T, "module")
+        assert torch.allclose(g(x, [mlp.gate_proj.weight, mlp.up_proj.weight]), mlp(x), atol=1e-5)
+    assert _inspect(layer, ["mlp.down_proj"], runner, T, "module") is None
 
 
 def test_awq_bad_settings():

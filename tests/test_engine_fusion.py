@@ -88,11 +88,15 @@ def test_injected_model_matches_the_original(tmp_path, arch, use_triton):
                               atol=1e-5)  # fmt: skip
     if use_triton:  # the engine over the fused model, Triton everywhere (interpreter)
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-        engine = LLMEngine(fused, config=EngineConfig(block_size=16, max_num_batched_tokens=16),
-                           use_triton=True)  # fmt: skip
         prompts = [ids[0].tolist(), ids[1, :3].tolist()]
-        for p, out in zip(prompts, _run(engine, prompts, params), strict=True):
-            assert out.outputs[0].token_ids == minillm.generate_cached(ref, p, params)[0].token_ids
+        expect = [minillm.generate_cached(ref, p, params)[0].token_ids for p in prompts]
+        for unified in (False, True):  # split kernels; one unified kernel per layer
+            config = EngineConfig(block_size=16, max_num_batched_tokens=16,
+                                  unified_attention=unified)  # fmt: skip
+            engine = LLMEngine(fused, config=config, use_triton=True)
+            assert engine.runner.unified_attention == unified
+            outs = _run(engine, prompts, params)  # 21 tokens in chunks of 16: a chunked prefill
+            assert [o.outputs[0].token_ids for o in outs] == expect, unified
 
 
 def _run(engine, prompts, params):
@@ -137,10 +141,17 @@ def test_cuda_graphs_replay_the_eager_steps(fuse):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = ["def add(a, b):", "class Stack:", "import os\n", "for i in range(10):"] * 3
     outs = {}
-    for graphs, steps in ((True, 1), (False, 1), (True, 4)):  # (True, 4): multi-step decoding
+    # (True, 4): multi-step decoding; unified: one attention kernel for steps with prompts
+    for graphs, steps, unified in ((True, 1, False), (False, 1, False), (True, 4, False),
+                                   (True, 1, True)):  # fmt: skip
         llm = LLM("minillm-tiny", device="cuda", dtype=torch.float32, fuse=fuse,
-                  cuda_graphs=graphs, max_num_seqs=8, num_scheduler_steps=steps)  # fmt: skip
-        outs[graphs, steps] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                  cuda_graphs=graphs, max_num_seqs=8, num_scheduler_steps=steps,
+                  unified_attention=unified, max_num_batched_tokens=16)  # fmt: skip
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if unified:
+            assert got == outs[True, 1]
+            continue
+        outs[graphs, steps] = got
         runner = llm.engine.runner
         assert (runner.num_graph_steps > 0) == graphs
         assert (runner.num_piecewise_steps > 0) == graphs  # the prefill steps

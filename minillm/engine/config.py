@@ -47,6 +47,11 @@ class EngineConfig:
         the CUDA graph, so the CPU schedules once per S tokens). CUDA graphs only.
     cuda_graphs: capture decode steps in CUDA graphs (CUDA only).
     cuda_graph_max_batch: the largest decode batch that runs as a graph.
+    unified_attention: with Triton (CUDA), run each layer's attention over a step's prompt
+        chunks and decodes as one kernel reading K/V in place through the block tables
+        (`minillm.kernels.unified_attention`) instead of a paged decode kernel plus
+        FlashAttention over gathered copies of the chunks' keys. Off by default: the split
+        path is the one the committed GPU benchmarks measured.
     piecewise_max_tokens: with cuda_graphs, steps that are not pure decode batches replay
         the model's layers between its attention calls as graphs (`minillm.engine.piecewise`)
         when they hold at most this many tokens (0: such steps run eagerly).
@@ -67,6 +72,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
     piecewise_max_tokens: int = 8192
+    unified_attention: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -92,7 +98,7 @@ class EngineConfig:
                 f"scheduling must be one of {SCHEDULING_POLICIES}, got {self.scheduling!r}"
             )
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "sort_by_length",
-                     "cuda_graphs"):  # fmt: skip
+                     "cuda_graphs", "unified_attention"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -118,7 +118,8 @@ class LLMEngine:
     def _runner(self, model: CausalLM, num_blocks: int) -> ModelRunner:
         pool = PagedKVCache.for_model(model.config, num_blocks, self.config.block_size,
                                       dtype=model.dtype, device=model.device)  # fmt: skip
-        return ModelRunner(model, pool, self.use_triton, self.config.max_model_len)
+        unified = self.config.unified_attention and self.use_triton
+        return ModelRunner(model, pool, self.use_triton, self.config.max_model_len, unified)
 
     # ---- requests ----------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:

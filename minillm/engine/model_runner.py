@@ -50,11 +50,13 @@ class ModelRunner:
         kv_cache: PagedKVCache,
         use_triton: bool = False,
         max_model_len: int | None = None,
+        unified_attention: bool = False,
     ):
         self.model, self.kv_cache = model, kv_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
         self.use_triton = use_triton
+        self.unified_attention = unified_attention  # one Triton kernel for a step's attention
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.graphs = None  # a CUDAGraphs, set by `capture_cuda_graphs`
         self.piecewise = None  # a PiecewiseGraphs, set by `capture_piecewise_graphs`
@@ -162,6 +164,21 @@ class ModelRunner:
         if len(logits_rows) != offset:
             host.append(("logits", logits_rows))
         decodes, prefills = rows[:num_decodes], rows[num_decodes:]
+        if self.unified_attention:  # every row is a sequence of T >= 1 queries
+            from minillm.kernels.unified_attention import UNIFIED_BLOCK_M
+
+            decodes, prefills = [], []
+            query_lens = [len(r.token_ids) for r in rows]
+            width = max(len(r.block_table) for r in rows)
+            tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
+            programs = [(b, m0) for b, t in enumerate(query_lens)
+                        for m0 in range(0, t, UNIFIED_BLOCK_M)]  # fmt: skip
+            host += [
+                ("u_tables", np.array(tables).reshape(len(rows), width)),
+                ("u_lens", [r.start + len(r.token_ids) for r in rows]),
+                ("u_cu", _prefix_sums(query_lens)),
+                ("u_programs", np.array(programs).reshape(-1, 2).T),
+            ]
         if decodes:
             width = max(len(r.block_table) for r in decodes)
             tables = [r.block_table + [0] * (width - len(r.block_table)) for r in decodes]
@@ -188,6 +205,10 @@ class ModelRunner:
             md.block_tables = dev["tables"].int()  # (num_decodes, width)
             md.context_lens = dev["lens"].int()
             md.max_decode_context = max(lens)
+        if self.unified_attention:
+            seqs, starts = dev["u_programs"].int()
+            md.unified = (dev["u_tables"].int(), dev["u_cu"].int(), dev["u_lens"].int(),
+                          query_lens, (seqs, starts))  # fmt: skip
         if prefills:
             md.query_lens, md.key_lens, md.kv_slots = query_lens, key_lens, dev["kv_slots"]
             md.cu_seqlens_q, md.cu_seqlens_k = dev["cu_q"].int(), dev["cu_k"].int()

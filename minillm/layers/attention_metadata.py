@@ -56,6 +56,9 @@ class AttentionMetadata:
     use_triton: bool = False  # CUDA kernels; False: the PyTorch references
     backend: str = "sdpa"  # dense backend of the PyTorch prefill path
     decode_num_splits: int | None = None  # split-K of the Triton decode (None: its choice)
+    # One kernel for every row (`minillm.kernels.unified_attention`): (block_tables (B, W),
+    # cu_seqlens_q (B + 1,), context_lens (B,), host query lengths, program table).
+    unified: tuple | None = None
 
     @property
     def num_prefills(self) -> int:
@@ -80,8 +83,14 @@ class AttentionMetadata:
             reshape_and_cache(k, v, k_cache, v_cache, self.slot_mapping, check_bounds=False)
         else:
             reshape_and_cache_ref(k, v, k_cache, v_cache, self.slot_mapping)
-        nd = self.num_decodes
         out = torch.empty_like(q) if out is None else out
+        if self.unified is not None:
+            from minillm.kernels.unified_attention import unified_attention
+
+            tables, cu, lens, query_lens, programs = self.unified
+            return unified_attention(q, k_cache, v_cache, tables, cu, lens, query_lens, window,
+                                     out=out, programs=programs)  # fmt: skip
+        nd = self.num_decodes
         if nd:
             self._decode(q[:nd], k_cache, v_cache, window, out[:nd])
         if self.num_prefills:

@@ -58,9 +58,10 @@ def plot(cuts: dict[tuple[float, tuple[int, int]], float], title: str):
         ax.bar(xs, [cuts[d, w] for d in damps], width, label=f"{w[0]} x {w[1]} tokens")
     ax.set_xticks(range(len(damps)), [f"damp {d}" for d in damps])
     ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(min(0, *cuts.values()), 1.3 * max(0, *cuts.values()) + 1e-9)  # room for the legend
     ax.set_ylabel("fraction of RTN's increase removed")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(windows), loc="upper center")
     fig.tight_layout()
     return fig
 

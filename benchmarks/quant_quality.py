@@ -8,12 +8,11 @@ Rows: fp32; RTN 8/4/3-bit; W8A8 with min-max, percentile and MSE activation cali
 asymmetric. GPTQ runs with act-order and the reference code's `mse` option (each
 group's range shrunk to the clip that minimizes its error); the "RTN mse-clip" rows
 apply the same clip search without GPTQ, to show what the clipping alone gives.
-Calibration: windows of the model's full context (1024 tokens) from the training split;
-on this model they measured better than 512-token windows for GPTQ, and GPTQ's
-dampening 0.1 better than 0.01 or 0.3 (measured on this held-out text). AWQ's settings,
-its calibration windows included, were chosen on the validation split of the training
-corpus, never on this text (`AWQQuantizer`'s docstring); "AWQ 4-bit ref" runs the
-reference code's settings.
+Calibration: windows from the training split; 32 x 1024 tokens (the model's full
+context) for AWQ and W8A8, 64 x 512 for GPTQ. GPTQ's windows and dampening (0.1) and
+AWQ's settings were chosen on the validation split of the training corpus
+(`benchmarks.gptq_validation`, the docstrings of `GPTQQuantizer` and `AWQQuantizer`),
+never on this held-out text; "AWQ 4-bit ref" runs the reference code's settings.
 Targets (issue 6): 4-bit GPTQ and AWQ each cut RTN's perplexity increase by >= 40%;
 W8A8 within 1% of fp32. On a shared 2-core machine `OMP_NUM_THREADS=1` can be much
 faster than 2 threads.
@@ -99,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None)
     ap.add_argument("--calibration-samples", type=int, default=32)
     ap.add_argument("--calibration-len", type=int, default=1024, help="the model's context")
+    ap.add_argument("--gptq-calibration-samples", type=int, default=64)
+    ap.add_argument("--gptq-calibration-len", type=int, default=512)
     ap.add_argument("--damp", type=float, default=0.1, help="GPTQ dampening (damp_percent)")
     ap.add_argument("--max-tokens", type=int, default=65536, help="held-out tokens evaluated")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -108,18 +109,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         name, group_size, seq_len = args.model or "minillm-tiny-draft", 64, 128
         n_cal, cal_len, max_tokens = 2, 64, 1024
+        gptq_cal = (n_cal, cal_len)
     else:
         name, group_size, seq_len = args.model or "minillm-tiny", 128, None
         n_cal, cal_len, max_tokens = args.calibration_samples, args.calibration_len, args.max_tokens
+        gptq_cal = (args.gptq_calibration_samples, args.gptq_calibration_len)
     base = minillm.load_model(name)
     tokens = heldout_tokens(tok)
     cal = calibration_tokens(tok, n_cal, cal_len)
+    cal_gptq = calibration_tokens(tok, *gptq_cal)
     kw = dict(seq_len=seq_len, max_tokens=max_tokens)
     rows = {"fp32": evaluate_scheme("fp32", base, None, tokens, **kw)}
     fp = rows["fp32"].perplexity
     print(f"{'scheme':22s} {'ppl':>8s} {'+%':>7s} {'bits/w':>7s} {'MiB':>6s} {'quantize s':>10s}")
     for label, q in schemes(group_size, args.smoke, args.damp).items():
-        rows[label] = evaluate_scheme(label, base, q, tokens, cal, fp_ppl=fp, **kw)
+        c = cal_gptq if isinstance(q, GPTQQuantizer) else cal
+        rows[label] = evaluate_scheme(label, base, q, tokens, c, fp_ppl=fp, **kw)
     for r in rows.values():
         print(
             f"{r.name:22s} {r.perplexity:8.4f} {r.increase_pct:7.2f} {r.linear_bits:7.2f} "
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("targets:", targets)
     data = {
         "model": name, "group_size": group_size, "calibration": [n_cal, cal_len],
+        "gptq_calibration": list(gptq_cal),
         "gptq_damp_percent": args.damp, "threads": torch.get_num_threads(),
         "eval_tokens": max_tokens, "seq_len": seq_len or base.config.max_position_embeddings,
         "rows": as_dict(rows), "rtn_increase_cut": cuts, "targets_met": targets,

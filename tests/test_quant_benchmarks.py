@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(module: str, out: Path) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+def _run(module: str, out: Path, **env_extra: str) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), **env_extra}
     proc = subprocess.run(
         [sys.executable, "-m", module, "--smoke", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -35,3 +35,11 @@ def test_quality_benchmark_smoke(tmp_path):
     assert {"fp32", "RTN 4-bit", "GPTQ 4-bit", "AWQ 4-bit", "W8A8 percentile"} <= set(rows)
     assert rows["RTN 4-bit"]["linear_bits"] < 5 < rows["fp32"]["linear_bits"]
     assert "GPTQ 4-bit" in data["rtn_increase_cut"]
+
+
+def test_gptq_validation_benchmark_smoke(tmp_path):
+    # one thread: tiny ops on a shared 2-core machine are many times slower with two
+    data = _run("benchmarks.gptq_validation", tmp_path, OMP_NUM_THREADS="1")
+    assert data["split"] == "val" and len(data["rtn_increase_cut"]) == 2
+    best = max(data["rtn_increase_cut"], key=lambda r: r["cut"])
+    assert data["best"] == {k: best[k] for k in ("damp_percent", "calibration")}

@@ -4,7 +4,9 @@
 
 The held-out text is the one the bundled models were never trained on
 (`minillm.data.shipped_heldout_documents`); calibration tokens come from the training
-split (`minillm.quant.calibration_tokens`), so the two never overlap.
+split (`minillm.quant.calibration_tokens`), so the two never overlap. A scheme's settings
+are chosen on a third text, the validation split (`validation_tokens`), so the held-out
+number stays an unbiased estimate of the chosen settings' quality.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +29,37 @@ def heldout_tokens(tokenizer) -> np.ndarray:
     from minillm.data import shipped_heldout_documents, tokenize_documents
 
     return tokenize_documents(tokenizer, shipped_heldout_documents())
+
+
+def validation_documents(root: Path | None = None) -> list[str]:
+    """Texts of the standard library's validation-split files (`split_of(path) == "val"`),
+    sorted by path, without any text that is also a shipped held-out document (a file
+    copied under another path), so choosing settings on them never sees held-out text."""
+    from minillm.data import shipped_heldout_documents, split_of, stdlib_documents
+
+    heldout = set(shipped_heldout_documents())
+    docs = [t for p, t in stdlib_documents(root) if split_of(p) == "val" and t not in heldout]
+    if not docs:
+        raise RuntimeError(f"no validation-split source files found under {root or 'the stdlib'}")
+    return docs
+
+
+def validation_tokens(
+    tokenizer, max_tokens: int | None = 65536, root: Path | None = None
+) -> np.ndarray:
+    """The first `max_tokens` tokens (None: all) of the validation documents as one stream
+    `EOT doc EOT doc ...`: the text a quantizer's settings are chosen on."""
+    from minillm.data import tokenize_documents
+
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    parts, total = [], 0
+    for doc in validation_documents(root):  # tokenize only the documents needed
+        parts.append(tokenize_documents(tokenizer, [doc]))
+        total += len(parts[-1])
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return np.concatenate(parts)[:max_tokens]
 
 
 @dataclass

@@ -165,7 +165,9 @@ def random_sample(
 @dataclass
 class SamplingMetadata:
     """The `SamplingParams` of a batch of B rows, as (B,) tensors, plus the token history
-    the penalties need. Build it with `from_params`; `append_output` after each step."""
+    the penalties need. Build it with `from_params`; `append_output` after each step.
+    When no row has a penalty, the (B, V) history tables are empty (0 columns): nothing
+    reads them, and a batch of an engine step need not build them."""
 
     temperature: torch.Tensor  # (B,) float32
     top_k: torch.Tensor  # (B,) int64, 0 = off
@@ -188,9 +190,11 @@ class SamplingMetadata:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
         device: torch.device | str | None = None,
+        output_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> SamplingMetadata:
         """One row per params; `generators` default to one per seeded row, seeded with its
-        seed (a row's own generator keeps its samples independent of the batch)."""
+        seed (a row's own generator keeps its samples independent of the batch).
+        `output_token_ids`: the tokens each row has produced so far (default: none)."""
         B = len(params)
         if generators is None:
             generators = [
@@ -203,12 +207,20 @@ class SamplingMetadata:
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
-        prompt_mask = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
-        if prompt_token_ids is not None:
-            if len(prompt_token_ids) != B:
-                raise ValueError(f"{len(prompt_token_ids)} prompts for {B} rows")
+        no_penalties = not any(p.has_penalties for p in params)
+        width = 0 if no_penalties else vocab_size  # no penalty: the tables are never read
+        prompt_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
+        output_counts = torch.zeros(B, width, dtype=torch.long, device=device)
+        for name, rows in (("prompts", prompt_token_ids), ("outputs", output_token_ids)):
+            if rows is not None and len(rows) != B:
+                raise ValueError(f"{len(rows)} {name} for {B} rows")
+        if width and prompt_token_ids is not None:
             for i, ids in enumerate(prompt_token_ids):
                 prompt_mask[i, torch.as_tensor(ids, dtype=torch.long, device=device)] = True
+        if width and output_token_ids is not None:
+            for i, ids in enumerate(output_token_ids):
+                out = torch.as_tensor(ids, dtype=torch.long, device=device)
+                output_counts[i].index_add_(0, out, torch.ones_like(out))
         return cls(
             temperature=column("temperature", torch.float32),
             top_k=column("top_k", torch.long),
@@ -219,16 +231,15 @@ class SamplingMetadata:
             frequency_penalty=column("frequency_penalty", torch.float32),
             generators=list(generators),
             prompt_mask=prompt_mask,
-            output_counts=torch.zeros(B, vocab_size, dtype=torch.long, device=device),
+            output_counts=output_counts,
             greedy=[p.greedy for p in params],
-            no_penalties=all(
-                p.repetition_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0
-                for p in params
-            ),
+            no_penalties=no_penalties,
         )
 
     def append_output(self, tokens: torch.Tensor) -> None:
         """Count the tokens (B,) just sampled, for the presence/frequency penalties."""
+        if self.no_penalties:
+            return
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         self.output_counts[rows, tokens] += 1
 

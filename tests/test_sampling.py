@@ -282,8 +282,11 @@ def test_samples_follow_the_exact_filtered_distribution(name):
     seen, counts = (0, 3), [1, 0, 2, 0, 0, 0, 1, 0]
     expected = oracle_distribution(LOGITS, params, seen, counts)
     torch.manual_seed(0)  # unseeded rows draw from the global generator
-    md = SamplingMetadata.from_params([params] * N_SAMPLES, 8, [list(seen)] * N_SAMPLES)
-    md.output_counts[:] = torch.tensor(counts)
+    outputs = [t for t, c in enumerate(counts) for _ in range(c)]  # tokens with those counts
+    md = SamplingMetadata.from_params([params] * N_SAMPLES, 8, [list(seen)] * N_SAMPLES,
+                                      output_token_ids=[outputs] * N_SAMPLES)  # fmt: skip
+    if not md.no_penalties:
+        assert md.output_counts[0].tolist() == counts
     draws = sample(LOGITS.expand(N_SAMPLES, 8), md)
     freq = torch.bincount(draws, minlength=8)
     assert all(freq[i] == 0 for i in range(8) if expected[i] == 0), (freq, expected)
@@ -383,3 +386,20 @@ def test_pipeline_on_cuda_matches_cpu():
     assert tokens.device.type == "cuda" and tokens.shape == (6,)
     assert int(tokens[1]) == int(x[1].argmax())
     assert bool(torch.isfinite(cpu[0, tokens[0].cpu()]))  # drawn from the kept tokens
+
+
+def test_metadata_builds_the_history_tables_only_for_penalties():
+    """Without penalties the (B, V) tables have no columns and appending is a no-op; with
+    one, the prompt mask and the output counts follow the given token ids."""
+    plain = SamplingMetadata.from_params([SamplingParams(temperature=0.5)] * 2, 10, [[1], [2]])
+    assert plain.no_penalties and plain.prompt_mask.shape == (2, 0)
+    plain.append_output(torch.tensor([3, 4]))
+    assert plain.output_counts.shape == (2, 0)
+    params = [SamplingParams(), SamplingParams(presence_penalty=0.5)]
+    md = SamplingMetadata.from_params(params, 10, [[1], [2, 2]], output_token_ids=[[5, 5], []])
+    assert md.prompt_mask.nonzero().tolist() == [[0, 1], [1, 2]]
+    assert md.output_counts[0, 5] == 2 and md.output_counts.sum() == 2
+    md.append_output(torch.tensor([5, 7]))
+    assert md.output_counts[0, 5] == 3 and md.output_counts[1, 7] == 1
+    with pytest.raises(ValueError, match="1 outputs for 2 rows"):
+        SamplingMetadata.from_params(params, 10, output_token_ids=[[5]])

@@ -16,50 +16,24 @@ from minillm.engine.sequence import Sequence
 from minillm.sampling import SamplingMetadata, process_logits, sample
 
 
-def _has_penalties(seq: Sequence) -> bool:
-    p = seq.params
-    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
-
-
 def sampling_metadata(
     seqs: list[Sequence], vocab_size: int, device: torch.device
 ) -> SamplingMetadata:
     """The `SamplingMetadata` of rows `seqs` (one row each), with each sequence's generator
-    and, only if some row needs them, its prompt mask and output counts."""
-    B = len(seqs)
-
-    def column(name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype, device=device)
-
-    penalties = any(_has_penalties(s) for s in seqs)
-    width = vocab_size if penalties else 0  # no penalty: the tables are never read
-    prompt_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
-    output_counts = torch.zeros(B, width, dtype=torch.long, device=device)
-    if penalties:
-        for i, s in enumerate(seqs):
-            prompt = torch.tensor(s.prompt_token_ids, dtype=torch.long, device=device)
-            prompt_mask[i, prompt] = True
-            out = torch.tensor(s.output_token_ids, dtype=torch.long, device=device)
-            output_counts[i].index_add_(0, out, torch.ones_like(out))
-    return SamplingMetadata(
-        temperature=column("temperature", torch.float32),
-        top_k=column("top_k", torch.long),
-        top_p=column("top_p", torch.float64),
-        min_p=column("min_p", torch.float32),
-        repetition_penalty=column("repetition_penalty", torch.float32),
-        presence_penalty=column("presence_penalty", torch.float32),
-        frequency_penalty=column("frequency_penalty", torch.float32),
-        generators=[s.generator for s in seqs],
-        prompt_mask=prompt_mask,
-        output_counts=output_counts,
-        greedy=[s.params.greedy for s in seqs],
-        no_penalties=not penalties,
+    and token history."""
+    return SamplingMetadata.from_params(
+        [s.params for s in seqs],
+        vocab_size,
+        [s.prompt_token_ids for s in seqs],
+        [s.generator for s in seqs],
+        device,
+        output_token_ids=[s.output_token_ids for s in seqs],
     )
 
 
 def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """One token per row of logits (B, V), row i with seqs[i]'s parameters -> (B,)."""
-    if all(s.params.greedy and not _has_penalties(s) for s in seqs):
+    if all(s.params.greedy and not s.params.has_penalties for s in seqs):
         return logits.argmax(dim=-1)
     return sample(logits, sampling_metadata(seqs, logits.shape[-1], logits.device))
 

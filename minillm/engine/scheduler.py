@@ -91,10 +91,8 @@ class Scheduler:
         to verify, or S - 1 more greedy steps (multi-step); fewer near max_tokens or the
         context's end."""
         k = self.config.num_speculative_tokens
-        if not k and self.multi_step > 1 and seq.params.greedy:
-            p = seq.params
-            if p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty:
-                k = self.multi_step - 1
+        if not k and self.multi_step > 1 and seq.params.greedy and not seq.params.has_penalties:
+            k = self.multi_step - 1
         if not k:
             return 0
         left = self.config.max_model_len - seq.num_tokens

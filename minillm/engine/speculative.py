@@ -104,7 +104,7 @@ class SpeculativeDecoder:
 
     @staticmethod
     def check_params(params: SamplingParams) -> None:
-        if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+        if params.has_penalties:
             raise ValueError(
                 "speculative decoding supports temperature, top-k, top-p and min-p, not the "
                 "repetition/presence/frequency penalties"

@@ -45,11 +45,11 @@ from minillm.quant.awq_search import (
     awq_scale_search,
     clip_weight,
 )
-from minillm.quant.base import DEFAULT_SKIP, Quantizer, linear_layers
+from minillm.quant.base import DEFAULT_SKIP, Quantizer
 from minillm.quant.rtn import (
     QuantParams,
     check_bits,
-    check_group_size,
+    grouped_linear_layers,
     quantize_rtn,
     state_from_params,
 )
@@ -199,12 +199,7 @@ class AWQQuantizer(Quantizer):
     ) -> dict[str, Any]:
         if calibration is None:
             raise ValueError("awq needs calibration tokens (see calibration_tokens)")
-        layers = linear_layers(model, self.skip)
-        for name, m in layers.items():
-            try:
-                check_group_size(self.group_size, m.in_features)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+        layers = grouped_linear_layers(model, self.skip, self.group_size)
         runner = LayerRunner(model, calibration, self.batch_size)
         T = calibration.shape[1]
         params: dict[str, QuantParams] = {}

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minillm.model import CausalLM
-from minillm.quant.base import DEFAULT_SKIP, Quantizer, linear_layers
+from minillm.quant.base import DEFAULT_SKIP, Quantizer
 from minillm.quant.rtn import (
     PER_TENSOR,
     QuantParams,
@@ -38,6 +38,7 @@ from minillm.quant.rtn import (
     check_group_size,
     find_params,
     find_params_mse,
+    grouped_linear_layers,
     quantize_codes,
     state_from_params,
 )
@@ -170,12 +171,7 @@ class GPTQQuantizer(Quantizer):
     ) -> dict[str, Any]:
         if calibration is None:
             raise ValueError("gptq needs calibration tokens (see calibration_tokens)")
-        layers = linear_layers(model, self.skip)
-        for name, m in layers.items():
-            try:
-                check_group_size(self.group_size, m.in_features)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+        layers = grouped_linear_layers(model, self.skip, self.group_size)
         original = {name: m.weight.detach().clone() for name, m in layers.items()}
         runner = LayerRunner(model, calibration, self.batch_size)
         params: dict[str, QuantParams] = {}

@@ -43,6 +43,20 @@ def check_bits(bits: int, allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
         raise ValueError(f"bits={bits} is not supported; choose one of {allowed}")
 
 
+def grouped_linear_layers(
+    model: nn.Module, skip: tuple[str, ...], group_size: int
+) -> dict[str, nn.Linear]:
+    """`linear_layers`, after checking that `group_size` divides every layer's inputs (a
+    clear error naming the layer, before any work)."""
+    layers = linear_layers(model, skip)
+    for name, m in layers.items():
+        try:
+            check_group_size(group_size, m.in_features)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return layers
+
+
 def check_group_size(group_size: int, in_features: int) -> int:
     """The effective group size (PER_CHANNEL -> in_features); clear error if it does not divide."""
     if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -197,12 +211,7 @@ class RTNQuantizer(Quantizer):
     def quantize(
         self, model: CausalLM, calibration: torch.Tensor | None = None, progress: bool = True
     ) -> dict[str, Any]:
-        layers = linear_layers(model, self.skip)
-        for name, m in layers.items():  # fail before any work if a group does not divide
-            try:
-                check_group_size(self.group_size, m.in_features)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+        layers = grouped_linear_layers(model, self.skip, self.group_size)
         params = {}
         for name, m in tqdm(layers.items(), disable=not progress, desc="rtn"):
             params[name] = quantize_rtn(

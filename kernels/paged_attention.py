@@ -151,6 +151,31 @@ def default_num_splits(num_programs: int, max_context: int, device: torch.device
     return max(1, min(want, -(-max_context // SPLIT_ALIGN), 64))
 
 
+def check_queries_and_pool(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None
+) -> None:
+    """What the paged kernels need of q (N, H, D) and the pool (num_blocks, block_size,
+    Hkv, D): one supported dtype and head_dim, H a multiple of Hkv, a valid window,
+    contiguous caches, CUDA tensors (or the interpreter)."""
+    H, D = q.shape[1:]
+    Hkv, Dc = k_cache.shape[2:]
+    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q and the caches must share one of fp16/bf16/fp32, got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")  # fmt: skip
+    if Dc != D or D not in HEAD_DIMS:
+        raise ValueError(f"head_dim: q {D}, cache {Dc}; supported: {HEAD_DIMS}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"{H} query heads cannot be grouped over {Hkv} kv heads")
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors, got {q.device}")
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -175,24 +200,10 @@ def paged_attention(
     if q.dim() != 3:
         raise ValueError(f"q must be (B, H, D) with one query per sequence, got {tuple(q.shape)}")
     B, H, D = q.shape
-    page, Hkv, Dc = k_cache.shape[1:]
-    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q and the caches must share one of fp16/bf16/fp32, got {q.dtype}, "
-                        f"{k_cache.dtype}, {v_cache.dtype}")  # fmt: skip
-    if Dc != D or D not in HEAD_DIMS:
-        raise ValueError(f"head_dim: q {D}, cache {Dc}; supported: {HEAD_DIMS}")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"{H} query heads cannot be grouped over {Hkv} kv heads")
+    page, Hkv = k_cache.shape[1:3]
+    check_queries_and_pool(q, k_cache, v_cache, window)
     if block_tables.shape[0] != B:
         raise ValueError(f"q has {B} sequences but there are {block_tables.shape[0]} block tables")
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
-    ):
-        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"Triton kernels need CUDA tensors, got {q.device}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     G = H // Hkv
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):

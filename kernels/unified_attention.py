@@ -32,12 +32,13 @@ import triton
 import triton.language as tl
 from minillm.kernels import interpreting
 from minillm.kernels.interpreter import use_interpreter_without_gpu
+from minillm.kernels.paged_attention import check_queries_and_pool
+
+from minillm.cache.paged import check_paged_inputs
 
 use_interpreter_without_gpu()
 
 UNIFIED_BLOCK_M = 16  # queries per program (the engine builds its program table with it)
-HEAD_DIMS = (16, 32, 64, 128, 256)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -142,14 +143,7 @@ def unified_attention(
     if q.dim() != 3:
         raise ValueError(f"q must be packed (N, H, D), got {tuple(q.shape)}")
     N, H, D = q.shape
-    page, Hkv, Dc = k_cache.shape[1:]
-    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q and the caches must share one of fp16/bf16/fp32, got {q.dtype}, "
-                        f"{k_cache.dtype}, {v_cache.dtype}")  # fmt: skip
-    if Dc != D or D not in HEAD_DIMS:
-        raise ValueError(f"head_dim: q {D}, cache {Dc}; supported: {HEAD_DIMS}")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"{H} query heads cannot be grouped over {Hkv} kv heads")
+    page, Hkv = k_cache.shape[1:3]
     B = len(query_lens)
     if block_tables.shape[0] != B or context_lens.shape[0] != B or cu_seqlens_q.numel() != B + 1:
         raise ValueError(
@@ -158,14 +152,8 @@ def unified_attention(
         )
     if sum(query_lens) != N:
         raise ValueError(f"the query lengths add up to {sum(query_lens)}, q has {N} rows")
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
-    ):
-        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"Triton kernels need CUDA tensors, got {q.device}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
+    check_paged_inputs(k_cache, v_cache, block_tables, context_lens, check_bounds=False)
+    check_queries_and_pool(q, k_cache, v_cache, window)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty_like(q) if out is None else out
     prog_seq, prog_start = programs or program_table(query_lens, block_m, q.device)

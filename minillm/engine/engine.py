@@ -80,7 +80,7 @@ class LLMEngine:
         """Decode steps through static buffers, captured as CUDA graphs (capture=False runs
         them eagerly: the same code path on a CPU), and multi-step decoding on top."""
         cfg, k = self.config, self.config.num_speculative_tokens
-        if capture and self.use_triton:
+        if capture and self.use_triton and not cfg.unified_attention:  # (its kernel: no tuning)
             for r in self.runners:
                 r.warm_up_attention(cfg.max_num_batched_tokens)
         max_blocks = -(-cfg.max_model_len // cfg.block_size) + self.scratch_per_seq

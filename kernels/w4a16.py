@@ -23,11 +23,13 @@ Pseudo-code, one program per (BLOCK_M rows of x, BLOCK_N columns, one of SPLIT_K
     out[m-block, n-block] (+)= acc      # atomic add of the SPLIT_K partial sums in fp32
 
 A single row (batch 1, decoding) has a second kernel, `_w4a16_gemv_kernel`: no matrix
-unit at all (a 16-row tile would be 15/16 padding), the BLOCK_K codes of a column block
-unpacked at once, multiplied by the contiguous slice of x and summed down the columns on
-the CUDA cores; each SPLIT_K slice writes its partial sums to its own row of a buffer
-that one reduction adds up (no zero-fill, no atomics). The tuner times both kernels'
-candidates for M = 1 and keeps the faster.
+unit at all (a 16-row tile would be 15/16 padding); nibble j of each packed word is
+multiplied by the x entries of rows 8i + j and summed down the columns on the CUDA cores,
+a code turned into a float by a bit trick rather than a conversion, the zero point taken
+out of the inner loop; each SPLIT_K slice writes its partial sums to its own row of a
+buffer that one reduction adds up (no zero-fill, no atomics). The tuner times both
+kernels' candidates for M = 1 and keeps the faster (on an H200 the one-row kernel won at
+every shape but 4096 -> 11008).
 
 Split-K is what makes batch 1-16 fast: with only N/BLOCK_N column blocks there are too
 few programs to keep every SM streaming weights, so K is cut into SPLIT_K slices too.
@@ -149,18 +151,24 @@ if triton is not None:
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
     ):  # fmt: skip
-        """One row: part[pid_k, n-block] = sum over this program's K slice of x[k] w[k, n]."""
+        """One row: part[pid_k, n-block] = sum over this program's K slice of x[k] w[k, n],
+        on the CUDA cores, with the arithmetic per code cut to the bone:
+
+        - the packed tile is never reshaped: nibble j of every word is multiplied by the
+          x entries of rows 8i + j (a strided slice of x, which stays in cache);
+        - a code becomes a float without a conversion instruction: the bits
+          0x4B000000 | code read as fp32 are 2^23 + code, so one subtraction gives it;
+        - the zero point leaves the inner loop: sum_k x_k (q_k - z) = sum_k x_k q_k
+          - z sum_k x_k, and the per-row sums are reduced across the tile only once."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_p = tl.arange(0, BLOCK_K // 8)  # packed rows of one K block
-        offs_k = tl.arange(0, BLOCK_K)
-        shifts = tl.arange(0, 8) * 4  # nibble j of word row i holds code row 8i + j
         z_shift = (offs_n % 8) * 4
         n_iters = K // BLOCK_K
         per_split = tl.cdiv(n_iters, SPLIT_K)
         it_end = tl.minimum((pid_k + 1) * per_split, n_iters)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         for it in range(pid_k * per_split, it_end):
             k0 = it * BLOCK_K
             g = k0 // GROUP_SIZE  # the whole block lies in one group
@@ -169,16 +177,21 @@ if triton is not None:
                 mask=mask_n[None, :],
                 other=0,
             )  # (BLOCK_K/8, BLOCK_N) int32
-            codes = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # (BLOCK_K/8, 8, BLOCK_N)
-            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row 8i + j: code row k0 + 8i + j
             zero = (
                 tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0) >> z_shift
             ) & 0xF
             scale = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0)
-            x = tl.load(x_ptr + (k0 + offs_k) * stride_xk).to(tl.float32)  # (BLOCK_K,)
-            w = (codes - zero[None, :]).to(tl.float32)  # exact: integers in [-15, 15]
-            acc += tl.sum(x[:, None] * w, axis=0) * scale.to(tl.float32)
-        tl.store(part_ptr + pid_k * stride_ps + offs_n, acc, mask=mask_n)
+            part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptr + (k0 + offs_p * 8 + j) * stride_xk).to(tl.float32)
+                bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000
+                q = bits.to(tl.float32, bitcast=True) - 8388608.0  # exact: the code
+                part += xj[:, None] * q
+                xsum += xj
+            zf = zero.to(tl.float32)
+            acc += (part - xsum[:, None] * zf[None, :]) * scale.to(tl.float32)[None, :]
+        tl.store(part_ptr + pid_k * stride_ps + offs_n, tl.sum(acc, axis=0), mask=mask_n)
 
 
 @dataclass(frozen=True)
@@ -202,10 +215,12 @@ def _gemv_configs() -> list[KernelConfig]:
 def _gemv1_configs() -> list[KernelConfig]:
     """Candidates of the one-row kernel (M = 1)."""
     return [
-        KernelConfig(1, bn, bk, sk, num_warps=w, gemv=True)
-        for bn, bk, w in [(32, 128, 2), (64, 128, 4), (128, 64, 4), (128, 128, 8), (256, 64, 8)]
+        KernelConfig(1, bn, bk, sk, num_warps=w, num_stages=st, gemv=True)
+        for bn, bk, w in [(64, 128, 2), (128, 128, 4), (256, 128, 4), (256, 128, 8),
+                          (512, 128, 8), (128, 64, 2)]
         for sk in (1, 2, 4, 8)
-    ]
+        for st in (3, 5)
+    ]  # fmt: skip
 
 
 def _gemm_configs() -> list[KernelConfig]:
@@ -218,6 +233,7 @@ def _gemm_configs() -> list[KernelConfig]:
 
 
 _TUNED: dict[tuple, KernelConfig] = {}
+TUNE_TIMES: dict[tuple, dict[KernelConfig, float]] = {}  # every candidate's time (ms)
 
 
 def kernel_supports(x: torch.Tensor, group_size: int) -> bool:
@@ -307,6 +323,7 @@ def _tune(x, qweight, scales, qzeros, group_size) -> KernelConfig:
         if not times:
             raise RuntimeError("no W4A16 kernel configuration ran: " + "; ".join(errors[:3]))
         _TUNED[key] = min(times, key=times.get)
+        TUNE_TIMES[key] = times
     return _TUNED[key]
 
 

@@ -83,6 +83,52 @@ def time_fn(
     return statistics.median(times)
 
 
+def time_cuda_graph(
+    fns: list[Callable[[], Any]], calls: int = 64, repeat: int = 10, warmup: int = 2
+) -> float:
+    """Median GPU seconds of one call when `calls` calls, taken round-robin from `fns`,
+    are replayed from one CUDA graph: what a step of a graph-captured decode pays.
+
+    Timing single eager calls of a microsecond kernel measures the CPU's launch path,
+    not the kernel. Each function of `fns` should read its own copy of the operands, and
+    the copies together should exceed the L2 cache (see `l2_rotation`), so every call
+    streams its operands from memory as it would in a model with many layers.
+    Functions that tune themselves on their first call must be called before (warm-up)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # eager side-stream calls, as torch.cuda.graph advises
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def l2_rotation(bytes_per_call: int, device: str = "cuda", factor: int = 3, most: int = 64) -> int:
+    """How many copies of a call's operands make their total `factor` times the L2 cache
+    (at least 1, at most `most`)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(1, min(most, -(-factor * l2 // max(1, bytes_per_call))))
+
+
 def measure_copy_bandwidth(n_bytes: int = 2**30, device: str = "cuda") -> float:
     """Achieved device-to-device copy bandwidth in bytes/s (bytes read + bytes written):
     the practical ceiling for memory-bound kernels, measured in the same run."""

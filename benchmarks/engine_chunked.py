@@ -68,12 +68,15 @@ def run_one(model, s: dict, budget: int | None, progress, unified: bool = False)
         for _ in range(s["streams"])
     ]
     arrivals = {s["first"] + i * s["every"]: i for i in range(s["long"])}
+    # Made before the clock starts: drawing 4096 random ids in Python takes milliseconds,
+    # which would land in the time between tokens of the step after each arrival.
+    long_prompts = [[rng.randrange(1, V) for _ in range(s["long_prompt"])] for _ in arrivals]
     done, step, timeline = {}, 0, []
     sync()
     t0 = time.perf_counter()
     while engine.has_unfinished_requests() or step <= max(arrivals):
         if step in arrivals:
-            engine.add_request([rng.randrange(1, V) for _ in range(s["long_prompt"])], long)
+            engine.add_request(long_prompts[arrivals[step]], long)
         t = time.perf_counter()
         for out in engine.step(only_finished=True):
             done[out.request_id] = out

@@ -97,6 +97,14 @@ def test_injected_model_matches_the_original(tmp_path, arch, use_triton):
             assert engine.runner.unified_attention == unified
             outs = _run(engine, prompts, params)  # 21 tokens in chunks of 16: a chunked prefill
             assert [o.outputs[0].token_ids for o in outs] == expect, unified
+        # The graph paths' static buffers, run eagerly: decode steps, and whole-forward
+        # steps for the prompt chunks.
+        engine = LLMEngine(fused, config=EngineConfig(block_size=16, max_num_batched_tokens=16),
+                           use_triton=True)  # fmt: skip
+        engine.enable_decode_graphs(capture=False)
+        outs = _run(engine, prompts, params)
+        assert [o.outputs[0].token_ids for o in outs] == expect
+        assert engine.runner.num_full_steps > 0 and engine.runner.num_graph_steps > 0
 
 
 def _run(engine, prompts, params):
@@ -141,20 +149,25 @@ def test_cuda_graphs_replay_the_eager_steps(fuse):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = ["def add(a, b):", "class Stack:", "import os\n", "for i in range(10):"] * 3
     outs = {}
-    # (True, 4): multi-step decoding; unified: one attention kernel for steps with prompts
-    for graphs, steps, unified in ((True, 1, False), (False, 1, False), (True, 4, False),
-                                   (True, 1, True)):  # fmt: skip
+    # (True, 4): multi-step decoding; unified: one attention kernel for steps with prompts;
+    # full: steps with prompts as whole-forward graphs (0: the piecewise graphs)
+    for graphs, steps, unified, full in ((True, 1, False, 2048), (False, 1, False, 2048),
+                                         (True, 4, False, 2048), (True, 1, True, 0),
+                                         (True, 1, False, 0)):  # fmt: skip
         llm = LLM("minillm-tiny", device="cuda", dtype=torch.float32, fuse=fuse,
                   cuda_graphs=graphs, max_num_seqs=8, num_scheduler_steps=steps,
-                  unified_attention=unified, max_num_batched_tokens=16)  # fmt: skip
+                  unified_attention=unified, max_num_batched_tokens=16,
+                  full_graph_max_tokens=full)  # fmt: skip
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        if unified:
+        runner = llm.engine.runner
+        if not full:
             assert got == outs[True, 1]
+            assert runner.num_piecewise_steps > 0 and runner.num_full_steps == 0
             continue
         outs[graphs, steps] = got
-        runner = llm.engine.runner
         assert (runner.num_graph_steps > 0) == graphs
-        assert (runner.num_piecewise_steps > 0) == graphs  # the prefill steps
+        assert (runner.num_full_steps > 0) == graphs  # the prefill steps
+        assert runner.num_piecewise_steps == 0
         assert (runner.num_eager_steps == 0) == graphs
         assert (llm.engine.num_multi_steps > 0) == (steps > 1)
     assert outs[True, 1] == outs[False, 1] == outs[True, 4]
@@ -229,3 +242,43 @@ def test_piecewise_steps_match_the_eager_forward(device):
 
 def table_slots(table, start, n, block_size=8):
     return [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_full_graph_steps_match_the_eager_forward(device):
+    """A step of prompt chunks and decodes through one whole-forward graph (captured on
+    CUDA; on a CPU the same static buffers run eagerly, Triton interpreted) gives the eager
+    forward's logits and K/V; padding rows and unused programs write nothing."""
+    pytest.importorskip("triton")
+    from minillm.engine.model_runner import BatchRow
+
+    model = minillm.load_model("minillm-tiny", device=device, dtype=torch.float32)
+    config = EngineConfig(block_size=8, max_num_seqs=4, max_model_len=256,
+                          max_num_batched_tokens=160, cuda_graphs=False)  # fmt: skip
+    engine = LLMEngine(model, config=config, use_triton=True)
+    runner = engine.runner
+    pool = runner.kv_cache.k_cache  # (layers, blocks, block_size, Hkv, D)
+    g = torch.Generator().manual_seed(0)
+    blocks = list(range(1, engine.bm.num_blocks))  # block 0 stays unused: it must stay 0
+    first = 20
+    for m in (15, 40, 160):  # padded to 16 and 48; 160: the largest size
+        ids = torch.randint(0, model.config.vocab_size, (first + m,), generator=g).tolist()
+        table = blocks[: -(-(first + m) // 8)]
+        runner.full = None
+        runner.kv_cache.k_cache.zero_()
+        runner.execute([BatchRow(ids[:first], 0, table_slots(table, 0, first), table)])
+        decodes = [
+            BatchRow([ids[first + i]], first - 1 - i, table_slots(table, first - 1 - i, 1), table)
+            for i in range(2)
+        ]
+        chunk = BatchRow(ids[first + 2 :], first, table_slots(table, first, m - 2), table,
+                         num_logits=m - 2)  # fmt: skip
+        rows = [*decodes, chunk]
+        eager = runner.execute(rows, num_decodes=2)
+        eager_pool = pool.clone()
+        runner.capture_full_graphs(160, max_seqs=4, max_blocks=32, capture=device == "cuda")
+        full = runner.execute(rows, num_decodes=2)
+        assert runner.num_full_steps > 0 and full.shape == eager.shape
+        err = (full - eager).abs().max()
+        assert torch.allclose(full, eager, atol=1e-4, rtol=1e-4), (m, err)
+        assert torch.allclose(pool, eager_pool, atol=1e-5) and not pool[:, 0].any()

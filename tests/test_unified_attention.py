@@ -12,7 +12,9 @@ QUERY_LENS = [1, 5, 1, 19, 3, 16]  # decodes, chunks shorter, longer than and eq
 CONTEXT_LENS = [7, 5, 30, 25, 3, 40]  # 5 and 3: a whole prompt; the others have a prefix
 
 
-def make_step(dtype, H=4, Hkv=2, D=16, page=4, num_blocks=48, seed=0):
+def make_step(dtype, H=4, Hkv=2, D=16, page=4, num_blocks=48, seed=0,
+              query_lens=QUERY_LENS, context_lens=CONTEXT_LENS):  # fmt: skip
+    QUERY_LENS, CONTEXT_LENS = query_lens, context_lens
     g = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(num_blocks, page, Hkv, D, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, page, Hkv, D, generator=g).to(dtype)
@@ -29,8 +31,10 @@ def make_step(dtype, H=4, Hkv=2, D=16, page=4, num_blocks=48, seed=0):
             torch.tensor(CONTEXT_LENS, dtype=torch.int32))  # fmt: skip
 
 
-def reference(q, k_cache, v_cache, tables, window=None):
+def reference(q, k_cache, v_cache, tables, window=None, query_lens=QUERY_LENS,
+              context_lens=CONTEXT_LENS):  # fmt: skip
     """fp64: each sequence's keys gathered through its table, causal softmax attention."""
+    QUERY_LENS, CONTEXT_LENS = query_lens, context_lens
     page, H, Hkv = k_cache.shape[1], q.shape[1], k_cache.shape[2]
     out, row = [], 0
     for b, (T, S) in enumerate(zip(QUERY_LENS, CONTEXT_LENS, strict=True)):
@@ -55,12 +59,33 @@ def reference(q, k_cache, v_cache, tables, window=None):
     "dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)]
 )
 @pytest.mark.parametrize("window", [None, 6])
-def test_unified_attention_equals_dense_attention(dtype, tol, window):
-    q, k_cache, v_cache, tables, cu, lens = make_step(dtype)
-    out = unified_attention(q, k_cache, v_cache, tables, cu, lens, QUERY_LENS, window=window)
+@pytest.mark.parametrize(("H", "Hkv", "block_q"), [(4, 2, None), (6, 2, None), (4, 4, 16),
+                                                   (8, 2, 4)])  # fmt: skip
+def test_unified_attention_equals_dense_attention(dtype, tol, window, H, Hkv, block_q):
+    """Groups of 2, 3 (padded to 4 rows per query) and 1 query heads per kv head; the
+    default 128 rows per program, and smaller blocks (several programs per chunk)."""
+    q, k_cache, v_cache, tables, cu, lens = make_step(dtype, H=H, Hkv=Hkv)
+    out = unified_attention(q, k_cache, v_cache, tables, cu, lens, QUERY_LENS, window=window,
+                            block_q=block_q)  # fmt: skip
     ref = reference(q, k_cache, v_cache, tables, window)
     assert out.dtype == dtype and out.shape == q.shape
     assert (out.double() - ref).abs().max() <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unified_attention_equals_dense_attention_on_gpu():
+    """Real sizes in bf16: head_dim 128, GQA 32/8, 16-slot pages, chunks of hundreds of
+    queries beside decodes, contexts not multiples of the page or the tile."""
+    query_lens = [1, 300, 1, 77, 1, 512]
+    context_lens = [1000, 300, 4097, 1500, 33, 2600]
+    step = make_step(torch.bfloat16, H=32, Hkv=8, D=128, page=16, num_blocks=800, seed=3,
+                     query_lens=query_lens, context_lens=context_lens)  # fmt: skip
+    q, k_cache, v_cache, tables, cu, lens = (t.cuda() for t in step)
+    out = unified_attention(q, k_cache, v_cache, tables, cu, lens, query_lens)
+    ref = reference(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(),
+                    query_lens=query_lens, context_lens=context_lens)  # fmt: skip
+    assert (out.cpu().double() - ref).abs().max() <= 2e-2
 
 
 def test_unified_attention_writes_into_out_and_takes_a_program_table():
@@ -69,7 +94,7 @@ def test_unified_attention_writes_into_out_and_takes_a_program_table():
     programs = program_table(QUERY_LENS, 16, "cpu")
     assert programs[0].tolist() == [0, 1, 2, 3, 3, 4, 5]  # 19 queries: two blocks of 16
     got = unified_attention(q, k_cache, v_cache, tables, cu, lens, QUERY_LENS, out=out,
-                            programs=programs)  # fmt: skip
+                            programs=programs, block_q=16)  # fmt: skip
     assert got is out and not out.isnan().any()
     assert (out.double() - reference(q, k_cache, v_cache, tables)).abs().max() <= 1e-5
 

@@ -55,6 +55,10 @@ class EngineConfig:
     piecewise_max_tokens: with cuda_graphs, steps that are not pure decode batches replay
         the model's layers between its attention calls as graphs (`minillm.engine.piecewise`)
         when they hold at most this many tokens (0: such steps run eagerly).
+    full_graph_max_tokens: with cuda_graphs and Triton, steps of prompt chunks (with or
+        without decodes) of at most this many tokens replay one CUDA graph of the whole
+        forward, attention included (`minillm.engine.full_graphs`); larger ones use the
+        piecewise graphs. 0: off.
     """
 
     block_size: int = 16
@@ -73,6 +77,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256
     piecewise_max_tokens: int = 8192
     unified_attention: bool = False
+    full_graph_max_tokens: int = 2048
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -82,9 +87,10 @@ class EngineConfig:
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _positive_int("cuda_graph_max_batch", self.cuda_graph_max_batch)
-        p = self.piecewise_max_tokens
-        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"piecewise_max_tokens must be an integer >= 0, got {p!r}")
+        for name in ("piecewise_max_tokens", "full_graph_max_tokens"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {p!r}")
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 16:
             raise ValueError(f"num_speculative_tokens must be an integer in [0, 16], got {k!r}")

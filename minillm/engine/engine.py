@@ -84,14 +84,17 @@ class LLMEngine:
             for r in self.runners:
                 r.warm_up_attention(cfg.max_num_batched_tokens)
         max_blocks = -(-cfg.max_model_len // cfg.block_size) + self.scratch_per_seq
+        budget = cfg.max_num_batched_tokens
+        full = min(cfg.full_graph_max_tokens, budget) if self.use_triton else 0
         for r, rows in zip(self.runners, (1 + k, 2), strict=False):  # decode rows per sequence
             r.capture_cuda_graphs(
                 min(cfg.max_num_seqs * rows, cfg.cuda_graph_max_batch), max_blocks, capture
             )
-            if cfg.piecewise_max_tokens:  # every other step: the pieces between attentions
-                r.capture_piecewise_graphs(
-                    min(cfg.piecewise_max_tokens, cfg.max_num_batched_tokens), capture
-                )
+            if full:  # steps with prompt chunks: the whole forward as one graph
+                r.capture_full_graphs(full, cfg.max_num_seqs, max_blocks, capture)
+            piecewise = min(cfg.piecewise_max_tokens, budget)
+            if piecewise > full:  # larger steps: the pieces between attentions
+                r.capture_piecewise_graphs(piecewise, capture, above=full)
         self.scheduler.multi_step = cfg.num_scheduler_steps
 
     def _num_blocks(self, models: list[CausalLM]) -> int:
@@ -129,10 +132,8 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise TypeError("a text prompt needs a tokenizer; pass token ids instead")
             ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)) and set(map(type, prompt)) <= {int}:
+            ids = list(prompt)  # (a bool, or a numpy integer, is not an `int` token id)
         else:
             raise TypeError(f"a prompt is a str or a list of token ids, got {prompt!r:.80}")
         if not ids:

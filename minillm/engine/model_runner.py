@@ -13,8 +13,9 @@ others), runs one forward and returns the logits of the rows that are sampled:
 Decode rows (one token whose slot follows the block table) come first and go through
 paged decode attention; on CUDA, a step made only of decodes replays a CUDA graph
 (`minillm.engine.cuda_graphs`), so its hundreds of kernels cost one launch; any other
-step replays the pieces of the forward between its attention calls
-(`minillm.engine.piecewise`).
+step of up to a few thousand tokens replays one graph of the whole forward, attention
+included (`minillm.engine.full_graphs`), and a larger one the pieces of the forward
+between its attention calls (`minillm.engine.piecewise`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class ModelRunner:
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.graphs = None  # a CUDAGraphs, set by `capture_cuda_graphs`
         self.piecewise = None  # a PiecewiseGraphs, set by `capture_piecewise_graphs`
+        self.full = None  # a FullGraphs, set by `capture_full_graphs`
         self.num_graph_steps = self.num_piecewise_steps = self.num_eager_steps = 0
+        self.num_full_steps = 0
         self._staging: torch.Tensor | None = None  # pinned host buffer of `_upload`
         self._staged: torch.cuda.Event | None = None  # its last copy
 
@@ -72,13 +75,25 @@ class ModelRunner:
 
         self.graphs = CUDAGraphs(self, max_batch, max_blocks, capture)
 
-    def capture_piecewise_graphs(self, max_tokens: int, capture: bool = True) -> None:
+    def capture_piecewise_graphs(
+        self, max_tokens: int, capture: bool = True, above: int = 0
+    ) -> None:
         """Capture the model's forward between its attention calls for batches of up to
-        `max_tokens` tokens (`minillm.engine.piecewise`; capture=False runs the same padded
-        batches eagerly, also on a CPU)."""
+        `max_tokens` tokens, sizes above `above` only (`minillm.engine.piecewise`;
+        capture=False runs the same padded batches eagerly, also on a CPU)."""
         from minillm.engine.piecewise import PiecewiseGraphs
 
-        self.piecewise = PiecewiseGraphs(self, max_tokens, capture)
+        self.piecewise = PiecewiseGraphs(self, max_tokens, capture, above)
+
+    def capture_full_graphs(
+        self, max_tokens: int, max_seqs: int, max_blocks: int, capture: bool = True
+    ) -> None:
+        """Capture whole steps of up to `max_tokens` tokens in up to `max_seqs` sequences,
+        attention included (`minillm.engine.full_graphs`; Triton kernels; capture=False
+        runs the same static buffers eagerly, also on a CPU under the interpreter)."""
+        from minillm.engine.full_graphs import FullGraphs
+
+        self.full = FullGraphs(self, max_tokens, max_seqs, max_blocks, capture)
 
     @torch.inference_mode()
     def warm_up_attention(self, max_tokens: int) -> None:
@@ -159,20 +174,30 @@ class ModelRunner:
             slots += r.slots
             offset += n
             logits_rows += range(offset - r.num_logits, offset)
+        widest = max(len(r.block_table) for r in rows)
+        if self.full is not None and self.full.fits(offset, len(rows), widest):
+            self.num_full_steps += 1
+            hidden, sampled = self.full.run(
+                ids, positions, slots, None if len(logits_rows) == offset else logits_rows,
+                [r.block_table for r in rows], [r.start + len(r.token_ids) for r in rows],
+                [len(r.token_ids) for r in rows],
+            )  # fmt: skip
+            return self.model.compute_logits(hidden, sampled)
         # Everything the step needs on the device, in one upload: (name, values).
         host = [("ids", ids), ("positions", positions), ("slots", slots)]
         if len(logits_rows) != offset:
             host.append(("logits", logits_rows))
         decodes, prefills = rows[:num_decodes], rows[num_decodes:]
         if self.unified_attention:  # every row is a sequence of T >= 1 queries
-            from minillm.kernels.unified_attention import UNIFIED_BLOCK_M
+            from minillm.kernels.unified_attention import unified_block_q
 
             decodes, prefills = [], []
             query_lens = [len(r.token_ids) for r in rows]
             width = max(len(r.block_table) for r in rows)
             tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
-            programs = [(b, m0) for b, t in enumerate(query_lens)
-                        for m0 in range(0, t, UNIFIED_BLOCK_M)]  # fmt: skip
+            c = self.model.config
+            bq = unified_block_q(c.num_attention_heads // c.num_key_value_heads)
+            programs = [(b, m0) for b, t in enumerate(query_lens) for m0 in range(0, t, bq)]
             host += [
                 ("u_tables", np.array(tables).reshape(len(rows), width)),
                 ("u_lens", [r.start + len(r.token_ids) for r in rows]),

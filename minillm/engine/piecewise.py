@@ -37,11 +37,12 @@ SIZES = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 8
          1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)  # fmt: skip
 
 
-def capture_sizes(max_tokens: int) -> list[int]:
-    """The token counts captured for batches of up to `max_tokens` tokens."""
+def capture_sizes(max_tokens: int, above: int = 0) -> list[int]:
+    """The token counts captured for batches of up to `max_tokens` tokens (and more than
+    `above`: smaller batches go elsewhere)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    return [s for s in SIZES if s < max_tokens] + [max_tokens]
+    return [s for s in SIZES if above < s < max_tokens] + [max_tokens]
 
 
 class _Capture:
@@ -83,9 +84,9 @@ class _Padded:
 class PiecewiseGraphs:
     """The captured pieces of the model's packed forward, per token count (module doc)."""
 
-    def __init__(self, runner, max_tokens: int, capture: bool = True):
+    def __init__(self, runner, max_tokens: int, capture: bool = True, above: int = 0):
         self.model, self.device = runner.model, runner.device
-        self.sizes = capture_sizes(max_tokens)
+        self.sizes = capture_sizes(max_tokens, above)
         n = self.sizes[-1]
         self.ids = torch.zeros(n, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(n, dtype=torch.long, device=self.device)

@@ -55,13 +55,17 @@ def test_wheel_has_every_package_and_the_bundled_models(wheel):
 
 
 def test_installed_import_names(tmp_path):
-    """From a neutral folder: minillm.kernels imports, a top-level kernels does not."""
+    """From a neutral folder: minillm.kernels imports; a top-level `kernels`, if one is
+    installed at all (transformers >= 5.25 depends on the published package of that name),
+    is never minillm's folder."""
     code = (
         "import importlib.util, minillm.kernels;"
-        "print(importlib.util.find_spec('kernels') is None, minillm.kernels.__name__)"
+        "spec = importlib.util.find_spec('kernels');"
+        "print(spec is None or spec.origin != __import__('sys').argv[1],"
+        " minillm.kernels.__name__)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, str(ROOT / "kernels" / "__init__.py")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -69,6 +73,56 @@ def test_installed_import_names(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "minillm.kernels"]
+
+
+def _import_kernels_from_the_root(tmp_path, published: bool) -> list[str]:
+    """`import kernels` with the repository root first on sys.path, and (if `published`)
+    a stand-in for the published `kernels` package right after it."""
+    site = tmp_path / "site"
+    if published:
+        (site / "kernels").mkdir(parents=True)
+        (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'published'\n")
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]];"
+        "import kernels, minillm.kernels;"
+        "print(getattr(kernels, 'CUDAProperties', 'ours'), hasattr(kernels, 'interpreting'),"
+        " minillm.kernels.interpreting.__module__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(site)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_the_root_folder_steps_aside_for_the_published_kernels(tmp_path):
+    """Regression: with the root on sys.path (`python -m benchmarks.x`), `import kernels`
+    found minillm's folder, and transformers' `from kernels import CUDAProperties` failed."""
+    got = _import_kernels_from_the_root(tmp_path, published=True)
+    assert got == ["published", "False", "minillm.kernels"], got
+
+
+def test_the_root_folder_imports_as_before_without_a_published_kernels(tmp_path):
+    """No published `kernels` anywhere on sys.path (site-packages left out): the folder
+    itself imports, as it did before it learned to step aside."""
+    code = (
+        "import sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path[1:]"
+        " if 'site-packages' not in p and 'dist-packages' not in p];"
+        "import kernels; print(kernels.__file__ == sys.argv[2], kernels.interpreting())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(ROOT / "kernels" / "__init__.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_kernels_import_from_a_source_checkout(tmp_path):

@@ -187,12 +187,17 @@ def send_recv(
     recv: list[tuple[torch.Tensor, int]],
     group: ProcessGroup,
     stats: CommStats | None = None,
-    op: str = "send",
+    op: str | None = None,
 ) -> list[dist.Work]:
     """Post point-to-point sends and receives at once (group ranks); returns the handles.
 
+    `op` names the call in the byte counter and in errors (default: "send", "recv" or
+    "send/recv", by what is posted).
+
     Posting both sides before waiting is what keeps a ring or a pipeline from deadlocking:
     no rank blocks in `send` while its neighbour blocks in its own `send`."""
+    if op is None:
+        op = "send/recv" if send and recv else "send" if send else "recv"
     ops = []
     for t, peer in send:
         if stats is not None:

@@ -166,7 +166,11 @@ def run_pipeline(
                 x = microbatches[i][0].to(device)
             else:
                 x = torch.empty(hidden_shape, dtype=dtype, device=device)
-                comm.wait_all(comm.send_recv([], [(x, s - 1)], group), "pipeline recv", group)
+                comm.wait_all(
+                    comm.send_recv([], [(x, s - 1)], group, op="pipeline recv"),
+                    "pipeline recv",
+                    group,
+                )
                 x.requires_grad_(True)
             t = recorder.start() if recorder else 0.0
             y = stage(x)
@@ -187,7 +191,11 @@ def run_pipeline(
                 grad = None
             else:
                 grad = torch.empty(hidden_shape, dtype=dtype, device=device)
-                comm.wait_all(comm.send_recv([], [(grad, s + 1)], group), "pipeline recv", group)
+                comm.wait_all(
+                    comm.send_recv([], [(grad, s + 1)], group, op="pipeline recv"),
+                    "pipeline recv",
+                    group,
+                )
             t = recorder.start() if recorder else 0.0
             torch.autograd.backward(y, grad)
             if recorder:

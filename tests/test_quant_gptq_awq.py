@@ -17,6 +17,7 @@ from minillm.quant.awq import (
     awq_clip_search,
     awq_scale_search,
 )
+from minillm.quant.awq_search import clip_weight
 from minillm.quant.gptq import GPTQQuantizer, gptq_quantize, hessian
 from minillm.quant.linear import QuantLinear
 from minillm.quant.rtn import find_params, quantize_codes, quantize_rtn
@@ -163,6 +164,71 @@ def test_awq_clip_never_hurts_the_group_error():
     err = lambda v: float(((x @ _fake_quant(v, 4, 32).t() - x @ w.t()) ** 2).mean())  # noqa: E731
     assert err(clipped) <= err(w)
     assert max_val[0, 0] < 8.0
+
+
+def test_awq_scale_search_scores_the_final_rounding():
+    """With mse the loss of the chosen alpha is the output error of the weights that
+    `quantize_rtn(W s, mse=True)` stores, not of min-max rounding (a different number)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    x = torch.randn(2048, 128, generator=g)
+    x[:, :4] *= 30
+    s, alpha, losses = awq_scale_search(x, [w], 4, 32, mse=True)  # n_tokens 4096: all of x
+
+    def err(mse):
+        w_hat = quantize_rtn(w * s, 4, 32, sym=False, mse=mse).dequantize() / s
+        return float(((x @ w_hat.t() - x @ w.t()) ** 2).mean())
+
+    assert min(losses) == losses[round(alpha * 20)]
+    assert losses[round(alpha * 20)] == pytest.approx(err(True), rel=1e-5)
+    assert abs(err(True) - err(False)) > 1e-3 * err(False), "the two roundings should differ"
+    _, _, plain = awq_scale_search(x, [w], 4, 32)  # min-max rounding: other losses
+    assert plain != pytest.approx(losses, rel=1e-3)
+
+
+def test_awq_clip_with_mse_never_hurts_the_group_error_of_the_mse_rounding():
+    """Each (row, group) share of the output errs no more, under the mse rounding, after the
+    mse clip search's clipping than unclipped; the min-max search's clip can err more."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    w[0, 3], w[5, 40] = 8.0, -6.0  # outliers worth clipping
+    x = torch.randn(256, 64, generator=g)
+    xg, wg = x.view(-1, 2, 32), w.view(16, 2, 32)
+    ref = torch.einsum("tgk,ogk->otg", xg, wg)
+
+    def group_err(v):  # (rows, groups) error of each group's share under the mse rounding
+        q = _fake_quant(v, 4, 32, mse=True).view(16, 2, 32)
+        return (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2).mean(dim=1)
+
+    unclipped = group_err(w)
+    max_val = awq_clip_search(x, w, 4, 32, mse=True)
+    assert (group_err(clip_weight(w, max_val)) <= unclipped * (1 + 1e-6)).all()
+    assert (max_val < wg.abs().amax(dim=-1)).any(), "some group should be clipped"
+    plain = clip_weight(w, awq_clip_search(x, w, 4, 32))  # scored with min-max rounding
+    assert (group_err(plain) > unclipped * (1 + 1e-6)).any()
+
+
+@pytest.mark.parametrize("mse", [True, False])
+def test_awq_searches_use_the_quantizer_rounding(draft_and_tokens, monkeypatch, mse):
+    """AWQQuantizer(mse=...) hands its rounding to both searches (searches stubbed: fast)."""
+    import minillm.quant.awq as awq
+
+    seen = []
+
+    def scale_search(x, weights, *args, **kw):
+        seen.append(("scale", kw["mse"]))
+        return torch.ones(weights[0].shape[1]), 0.0, []
+
+    def clip_search(x, w, bits, group_size, *args, **kw):
+        seen.append(("clip", kw["mse"]))
+        return w.abs().view(w.shape[0], -1, group_size).amax(dim=-1)
+
+    monkeypatch.setattr(awq, "awq_scale_search", scale_search)
+    monkeypatch.setattr(awq, "awq_clip_search", clip_search)
+    base, cal = draft_and_tokens
+    AWQQuantizer(4, 64, mse=mse).quantize(base, cal, progress=False)
+    assert {k for k, _ in seen} == {"scale", "clip"}
+    assert all(m is mse for _, m in seen)
 
 
 @pytest.fixture(scope="module")

@@ -49,18 +49,41 @@ def test_kernel_equals_naive_in_the_interpreter(dtype, M, split_k):
 
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("block_k", "split_k"), [(64, 1), (64, 3), (128, 2)])
-def test_one_row_kernel_equals_naive_in_the_interpreter(dtype, block_k, split_k):
+@pytest.mark.parametrize(
+    ("block_k", "split_k", "prefetch"),
+    [(64, 1, False), (64, 3, False), (128, 2, False), (64, 3, True), (128, 1, True)],
+)
+def test_one_row_kernel_equals_naive_in_the_interpreter(dtype, block_k, split_k, prefetch):
     N, K, G = 96, 512, 128  # masked columns; 3 slices of 8 (or 4) K blocks: a short last one
     m = _layer(N, K, G)
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(2)).to(dtype)
-    cfg = KernelConfig(1, 64, block_k, split_k, gemv=True)
+    cfg = KernelConfig(1, 64, block_k, split_k, gemv=True, prefetch=prefetch)
     y = w4a16_matmul(x, m.qweight, m.scales, m.qzeros, G, cfg)
     ref = w4a16_matmul_naive(x.double(), m.qweight, m.scales.double(), m.qzeros, G)
     assert y.dtype == dtype and y.shape == (1, N)
     assert (y.double() - ref).abs().max() <= _tolerance(ref, dtype)
     with pytest.raises(ValueError, match="one-row kernel takes M = 1"):
         w4a16_matmul(torch.cat([x, x]), m.qweight, m.scales, m.qzeros, G, cfg)
+
+
+@interpreter
+@pytest.mark.parametrize(
+    "cfg", [KernelConfig(16, 64, 64, 4), KernelConfig(1, 64, 64, 4, gemv=True)]
+)
+def test_split_k_slices_leave_their_counters_at_zero(cfg):
+    """The last slice of each tile adds the partial sums and resets the tile's counter: a
+    second call (the counters are shared) gives the same output, and they end at zero."""
+    from minillm.kernels.w4a16 import _LOCKS
+
+    N, K, G = 160, 512, 64  # 3 column blocks, 8 K blocks in 4 slices
+    m = _layer(N, K, G)
+    x = torch.randn(1 if cfg.gemv else 20, K, generator=torch.Generator().manual_seed(3))
+    first = w4a16_matmul(x, m.qweight, m.scales, m.qzeros, G, cfg)
+    assert _LOCKS and all(int(lock.abs().sum()) == 0 for lock in _LOCKS.values())
+    second = w4a16_matmul(x, m.qweight, m.scales, m.qzeros, G, cfg)
+    assert torch.equal(first, second)
+    ref = w4a16_matmul_naive(x.double(), m.qweight, m.scales.double(), m.qzeros, G)
+    assert (first.double() - ref).abs().max() <= _tolerance(ref, torch.float32)
 
 
 @interpreter

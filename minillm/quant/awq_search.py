@@ -12,7 +12,9 @@ where f is the module whose output the loss is measured at (the attention block 
 q/k/v, the MLP for gate/up, the linear itself otherwise) and Q is asymmetric int-b
 round-to-nearest per group. Clipping then shrinks each (output row, group) range
 max|w| by the factor in (1 - max_shrink, 1] that minimizes that group's share of the
-quantized output error on the calibration inputs.
+quantized output error on the calibration inputs. With `mse`, Q in both searches is the
+rounding the final quantization applies (each group's range shrunk by `find_params_mse`),
+so the searches score the weights that will actually be stored.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from minillm.quant.rtn import check_group_size, quantize_rtn
 Forward = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
-def _fake_quant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    return quantize_rtn(w, bits, group_size, sym=False).dequantize()
+def _fake_quant(w: torch.Tensor, bits: int, group_size: int, mse: bool = False) -> torch.Tensor:
+    return quantize_rtn(w, bits, group_size, sym=False, mse=mse).dequantize()
 
 
 def loss_tokens(x: torch.Tensor, n_tokens: int, seq_len: int | None = None) -> torch.Tensor:
@@ -53,6 +55,7 @@ def awq_scale_search(
     forward: Forward | None = None,
     seq_len: int | None = None,
     share: torch.Tensor | None = None,
+    mse: bool = False,
 ) -> tuple[torch.Tensor, float, list[float]]:
     """Best per-channel scales s (K,) for the weights (N_i, K) that all read x (n, K).
 
@@ -60,6 +63,7 @@ def awq_scale_search(
     linear layers' outputs, concatenated) on about `n_tokens` tokens of x (whole sequences
     of `seq_len` when given); the statistics mean|x| use all of x. `share` (K,) int: input
     channels with the same index get the same scale (e.g. query heads reading one kv head).
+    `mse`: score with the rounding of `quantize_rtn(..., mse=True)` (the final one's).
 
     Returns (s, the best alpha, the output error of every alpha on the grid)."""
     x = x.float()
@@ -88,7 +92,7 @@ def awq_scale_search(
         else:
             s = x_mean.pow(alpha).clamp(min=1e-4)
         s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)  # centre the scales around 1
-        W_hat = _fake_quant(W * s, bits, group_size) / s  # (sum N_i, K)
+        W_hat = _fake_quant(W * s, bits, group_size, mse) / s  # (sum N_i, K)
         loss = float(((forward(x, list(W_hat.split(rows))) - ref) ** 2).mean())
         losses.append(loss)
         if loss < best:
@@ -104,11 +108,13 @@ def awq_clip_search(
     n_grid: int = 20,
     max_shrink: float = 0.5,
     n_tokens: int = 512,
+    mse: bool = False,
 ) -> torch.Tensor:
     """Best clipping threshold per (output row, group) of w (N, K): (N, K // G).
 
     Each group's share of the output, sum_{k in group} x_k w_k, is compared before and
-    after clipping to +-max_val and quantizing, on `n_tokens` evenly spaced tokens."""
+    after clipping to +-max_val and quantizing (with `mse`, as `quantize_rtn(..., mse=True)`
+    does), on `n_tokens` evenly spaced tokens."""
     N, K = w.shape
     G = check_group_size(group_size, K)
     x = loss_tokens(x.float(), n_tokens).view(-1, K // G, G)  # (t, groups, G)
@@ -119,7 +125,7 @@ def awq_clip_search(
     for i in range(int(max_shrink * n_grid)):
         max_val = org_max * (1 - i / n_grid)
         clipped = torch.maximum(torch.minimum(wg, max_val[..., None]), -max_val[..., None])
-        q = _fake_quant(clipped.view(N, K), bits, group_size).view(N, K // G, G)
+        q = _fake_quant(clipped.view(N, K), bits, group_size, mse).view(N, K // G, G)
         err = (torch.einsum("tgk,ogk->otg", x, q) - ref).pow(2).mean(dim=1)  # (N, groups)
         better = err < best_err
         best_err, best_max = (

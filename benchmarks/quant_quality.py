@@ -11,8 +11,9 @@ apply the same clip search without GPTQ, to show what the clipping alone gives.
 Calibration: windows from the training split; 32 x 1024 tokens (the model's full
 context) for AWQ and W8A8, 64 x 512 for GPTQ. GPTQ's windows and dampening (0.1) and
 AWQ's settings were chosen on the validation split of the training corpus
-(`benchmarks.gptq_validation`, the docstrings of `GPTQQuantizer` and `AWQQuantizer`),
-never on this held-out text; "AWQ 4-bit ref" runs the reference code's settings.
+(`benchmarks.gptq_validation`, `benchmarks.awq_validation`, the docstrings of
+`GPTQQuantizer` and `AWQQuantizer`), never on this held-out text; "AWQ 4-bit ref" runs
+the reference code's settings.
 Targets (issue 6): 4-bit GPTQ and AWQ each cut RTN's perplexity increase by >= 40%;
 W8A8 within 1% of fp32. On a shared 2-core machine `OMP_NUM_THREADS=1` can be much
 faster than 2 threads.
@@ -37,7 +38,9 @@ from minillm.quant.rtn import RTNQuantizer
 
 # the llm-awq / AutoAWQ settings; the AWQQuantizer defaults were chosen on the validation
 # split (see its docstring)
-AWQ_REFERENCE = dict(clip_tokens=512, gqa_o=False, mse=False)
+AWQ_REFERENCE = dict(
+    n_tokens=8192, clip_tokens=512, gqa_o=False, mse=False, asym_clip=False, joint=False
+)
 
 
 def schemes(group_size: int, smoke: bool, damp: float = 0.1) -> dict:

@@ -17,7 +17,12 @@ from minillm.quant.awq import (
     awq_clip_search,
     awq_scale_search,
 )
-from minillm.quant.awq_search import clip_weight
+from minillm.quant.awq_search import (
+    awq_range_search,
+    clip_weight,
+    group_moments,
+    quantize_range,
+)
 from minillm.quant.gptq import GPTQQuantizer, gptq_quantize, hessian
 from minillm.quant.linear import QuantLinear
 from minillm.quant.rtn import find_params, quantize_codes, quantize_rtn
@@ -210,7 +215,8 @@ def test_awq_clip_with_mse_never_hurts_the_group_error_of_the_mse_rounding():
 
 @pytest.mark.parametrize("mse", [True, False])
 def test_awq_searches_use_the_quantizer_rounding(draft_and_tokens, monkeypatch, mse):
-    """AWQQuantizer(mse=...) hands its rounding to both searches (searches stubbed: fast)."""
+    """AWQQuantizer(mse=..., asym_clip=False) hands its rounding to both searches (the
+    symmetric clip search; searches stubbed: fast)."""
     import minillm.quant.awq as awq
 
     seen = []
@@ -226,7 +232,7 @@ def test_awq_searches_use_the_quantizer_rounding(draft_and_tokens, monkeypatch, 
     monkeypatch.setattr(awq, "awq_scale_search", scale_search)
     monkeypatch.setattr(awq, "awq_clip_search", clip_search)
     base, cal = draft_and_tokens
-    AWQQuantizer(4, 64, mse=mse).quantize(base, cal, progress=False)
+    AWQQuantizer(4, 64, mse=mse, asym_clip=False).quantize(base, cal, progress=False)
     assert {k for k, _ in seen} == {"scale", "clip"}
     assert all(m is mse for _, m in seen)
 
@@ -347,3 +353,88 @@ def test_awq_error_bound():
     bound = p.scales[:, p.g_idx.long()] / (2 * s)  # (N, K)
     assert (err <= bound * (1 + 1e-5) + 1e-7).all()
     assert bound[:, 7].max() < bound[:, 8:].median(), "the salient channel gets the finest grid"
+
+
+def test_awq_group_moments_give_the_output_error():
+    """d^T H_g d (H from group_moments) is the mean squared error of a group's share of the
+    output over the tokens: the exact objective, with no token subsample."""
+    w, x = _data(N=8, K=64, n=300)
+    w, x = w.float(), x.float()
+    H = group_moments(x, 32)  # (2, 32, 32)
+    d = w - _fake_quant(w, 4, 32)
+    by_tokens = torch.einsum("tgk,ogk->otg", x.view(-1, 2, 32), d.view(8, 2, 32)).pow(2).mean(1)
+    by_moments = torch.einsum("ngk,gkl,ngl->ng", d.view(8, 2, 32), H, d.view(8, 2, 32))
+    assert torch.allclose(by_moments, by_tokens, rtol=1e-4, atol=1e-6)
+
+
+def test_awq_range_search_never_hurts_and_clips_apart():
+    """Each group errs no more than under min-max rounding (a = b = 1) or any symmetric
+    shrink a = b of the grid; some groups clip, and some shrink min and max apart."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 64, generator=g), torch.randn(512, 64, generator=g)
+    H = group_moments(x, 32)
+    lo, hi = awq_range_search(H, w, 4, 32)
+
+    def group_err(p):  # (rows, groups)
+        d = (p.dequantize() - w).view(16, 2, 32)
+        return torch.einsum("ngk,gkl,ngl->ng", d, H, d)
+
+    wg = w.view(16, 2, 32)
+    wmin, wmax = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    assert torch.equal(quantize_range(w, wmin, wmax, 4, 32).qweight, quantize_rtn(w, 4, 32).qweight)
+    best = group_err(quantize_range(w, lo, hi, 4, 32))
+    for i in range(10):  # the symmetric shrinks of the grid (n_grid 20, max_shrink 0.5)
+        p = 1 - i / 20
+        assert (best <= group_err(quantize_range(w, p * wmin, p * wmax, 4, 32)) * (1 + 1e-5)).all()
+    assert (best < group_err(quantize_rtn(w, 4, 32)) * (1 - 1e-3)).any(), "some should clip"
+    assert ((lo / wmin - hi / wmax).abs() > 1e-3).any(), "min and max should shrink apart"
+    with pytest.raises(ValueError, match="H must be"):
+        awq_range_search(H[:1], w, 4, 32)
+
+
+def test_awq_joint_rounding_is_the_range_search_on_the_scaled_inputs():
+    """joint: a scale candidate s is scored with the rounding the final step applies to
+    W diag(s), the range search on the moments of x / s (scaled from those of x)."""
+    w, x = _data(N=16, K=64, n=512)
+    w, x = w.float(), x.float()
+    s = torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5
+    q = AWQQuantizer(4, 32, asym_clip=True, joint=True)
+    got = q._rounding(["mlp.down_proj"], [w], x)(w * s, s)
+    lo, hi = awq_range_search(group_moments(x / s, 32), w * s, 4, 32)
+    assert torch.allclose(got, quantize_range(w * s, lo, hi, 4, 32).dequantize(), atol=1e-5)
+    # q and k are not clipped (clip_qk False): they keep the mse rounding
+    qk = q._rounding(["self_attn.q_proj"], [w], x)(w * s, s)
+    assert torch.equal(qk, _fake_quant(w * s, 4, 32, mse=True))
+
+
+def test_awq_sequential_calibrates_on_the_quantized_layers(draft_and_tokens, monkeypatch):
+    """sequential: layer 0 sees the same inputs either way; layer 1's inputs are layer 0's
+    *quantized* outputs, so they differ from the float model's (searches stubbed: fast)."""
+    import minillm.quant.awq as awq
+
+    seen = []
+
+    def scale_search(x, weights, *args, **kw):
+        seen.append(x.clone())
+        return torch.ones(weights[0].shape[1]), 0.0, []
+
+    monkeypatch.setattr(awq, "awq_scale_search", scale_search)
+    base, cal = draft_and_tokens
+    runs = []
+    for sequential in (False, True):
+        seen.clear()
+        AWQQuantizer(4, 64, clip=False, sequential=sequential).quantize(base, cal, progress=False)
+        runs.append(list(seen))
+    per_layer = len(runs[0]) // base.config.num_hidden_layers
+    assert all(
+        torch.equal(a, b) for a, b in zip(runs[0][:per_layer], runs[1][:per_layer], strict=True)
+    )
+    first = runs[0][per_layer]  # layer 1's q/k/v inputs
+    assert not torch.allclose(first, runs[1][per_layer], atol=1e-6)
+    # the float inputs are those of the float model: run layer 0 and compare
+    from minillm.quant.sequential import LayerRunner
+
+    runner = LayerRunner(base, cal)
+    runner.advance(base.model.layers[0])
+    x = runner.capture(base.model.layers[1], ["self_attn.q_proj"])["self_attn.q_proj"]
+    assert torch.allclose(first, x, atol=1e-6)

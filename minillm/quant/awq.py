@@ -17,11 +17,18 @@ Per decoder layer, in order, on the float model's hidden states of calibration t
          gate/up (after post_attention_layernorm) -> the MLP's output
          o (after v_proj), down (after up_proj)    -> their own output
      and 1 / s is folded into the previous RMSNorm weight / the previous linear's rows;
-  2. each linear except q and k is clipped: per (output row, group), the range max|w|
-     shrinks to the factor in (0.5, 1] that minimizes the group's output error;
-  3. the weights are quantized to int4 per group of 128, asymmetric (zero point); by
-     default (`mse`) each group's range is first shrunk by `find_params_mse`, and the
-     searches of steps 1 and 2 score their candidates with that same rounding.
+  2. each linear except q and k gets its clipping range: per (output row, group), the
+     group's min and max shrink apart, each by a factor in (0.5, 1], to minimize the
+     group's share of the output error, computed on all calibration tokens as
+     d^T H_g d with H_g = X_g^T X_g / n and d = w_g - Q(w_g) (`awq_range_search`;
+     `asym_clip`; the reference clips +-max|w| symmetrically, on 512 tokens);
+  3. the weights are quantized to int4 per group of 128, asymmetric (zero point), the
+     grid spanning the range of step 2; q and k (not clipped) take the range of
+     `find_params_mse` (`mse`).
+
+Step 1 scores each candidate s with the rounding of steps 2 and 3 applied to W diag(s)
+(`joint`: the range search on the moments of x / s), so the scale search judges the
+weights that are stored, clipping included.
 
 With grouped-query attention (H query heads, Hkv < H kv heads) the reference code skips
 v -> o; here (`gqa_o`) the o input channels of all query heads that read one kv head
@@ -43,8 +50,11 @@ from minillm.model import CausalLM
 from minillm.quant.awq_search import (
     _fake_quant,
     awq_clip_search,
+    awq_range_search,
     awq_scale_search,
     clip_weight,
+    group_moments,
+    quantize_range,
 )
 from minillm.quant.base import DEFAULT_SKIP, Quantizer
 from minillm.quant.rtn import (
@@ -126,20 +136,44 @@ class AWQQuantizer(Quantizer):
 
     inspect: "module" (the reference: q/k/v scored at the attention output, gate/up at the
     MLP output) or "linear" (each group at its linears' own outputs); n_tokens: tokens
-    (whole calibration sequences) the scale loss is measured on; clip: the output-error
-    clipping search over `clip_grid` steps on `clip_tokens` tokens (q and k only with
-    clip_qk); gqa_o: also scale o_proj under GQA; mse: shrink each group's range by the
-    weight-error search of `find_params_mse` in the final rounding, and score the scale and
-    clip candidates with that rounding too, so the searches judge the weights that are
-    stored (not in the reference, which rounds min-max).
+    (whole calibration sequences) the scale loss is measured on; clip: clip the weights
+    (q and k only with clip_qk); asym_clip: clip by the asymmetric range search on all
+    calibration tokens over `clip_grid` steps per side (`awq_range_search`), else by the
+    reference's symmetric +-max|w| search on `clip_tokens` tokens (`awq_clip_search`);
+    joint: score the scale candidates with the range search's rounding (else with
+    `quantize_rtn`'s); gqa_o: also scale o_proj under GQA; mse: the range of the weights
+    not range-searched (q and k; all of them without asym_clip) is shrunk by the
+    weight-error search of `find_params_mse`, and the searches score that rounding too (the
+    reference rounds min-max); sequential: each layer is calibrated on the outputs of the
+    already quantized layers before it (as GPTQ is), not on the float model's.
 
     The reference code's settings are n_grid = clip_grid = 20, clip_tokens = 512,
-    gqa_o = mse = clip_qk = False. The defaults differ where the validation split of the
-    training corpus (`minillm.data.split_of(path) == "val"`; never the held-out text)
-    measured better on minillm-tiny, 4-bit, group 128, 32 x 1024 calibration tokens:
-    fraction of RTN's validation perplexity increase removed, on the first 65,536
-    validation tokens (mse*: `find_params_mse` in the final rounding only, both searches
-    scoring min-max rounding)
+    n_tokens = 8192, gqa_o = mse = clip_qk = asym_clip = joint = sequential = False. The
+    defaults differ where the validation split of the training corpus
+    (`minillm.data.split_of(path) == "val"`; never the held-out text) measured better on
+    minillm-tiny, 4-bit, group 128, 32 x 1024 calibration tokens. Fraction of RTN's
+    validation perplexity increase removed, on all 208,295 validation tokens
+    (`benchmarks.awq_validation`; ppl fp32 7.904, RTN 8.192):
+
+        mse, n_tokens 8192 (the previous defaults, described below)   0.25
+          + sequential                                                0.20
+        asym_clip                                                     0.28
+        asym_clip, joint                                              0.35
+          + n_tokens 16384                          (the defaults)    0.36
+          + clip_qk                                                   0.29
+          + n_grid 40                                                 0.30
+          + clip_grid 40 (3x slower)                                  0.34
+          + mse = False (q and k rounded min-max)                     0.23
+          + inspect = "linear"                                        0.27
+
+    The range search replaces the symmetric clip and the weight-error shrink of the other
+    linears by one search on their output error, exact on all 32,768 calibration tokens
+    (d^T H_g d) and cheaper than the token loop; with joint the scale search sees it, so
+    alpha is chosen for the clipped weights. minillm-tiny on CPU, one thread: about 150 s.
+
+    The previous defaults were chosen the same way on the first 65,536 validation tokens
+    (mse*: `find_params_mse` in the final rounding only, both searches scoring min-max
+    rounding):
 
         reference settings, loss at each linear's output         0.10
         reference settings (loss at attention / MLP output)       0.13
@@ -153,20 +187,15 @@ class AWQQuantizer(Quantizer):
         + gqa_o, mse*                                             0.19
         + gqa_o, mse*, clip_tokens 4096                           0.20
         + gqa_o, mse*, clip_tokens 4096, clip_qk                  0.18
-        + gqa_o, mse, clip_tokens 4096      (the defaults)        0.26
-        the defaults with mse = False (min-max everywhere)        0.18
-        the defaults with mse*, calibration 64 x 512 tokens       0.12
-        the defaults with mse*, calibration 128 x 512 (reference) 0.13
+        + gqa_o, mse, clip_tokens 4096   (the previous defaults)  0.26
+        the previous defaults with mse = False (min-max)          0.18
+        the previous defaults with mse*, calibration 64 x 512     0.12
+        the previous defaults with mse*, 128 x 512 (reference)    0.13
 
-    On a second slice (validation tokens 65,536-131,072) the defaults remove 0.32, mse*
-    0.21, mse = False 0.20 (first slice, three digits: 0.255, 0.196, 0.179). Scoring the
-    searches with the mse rounding about doubles the run time (minillm-tiny on CPU: about
-    65 s -> 140 s). Tried on the first slice and not adopted (with mse* / with mse): each
-    layer's inputs taken from the already quantized layers before it (sequential)
-    0.23 / 0.21; asymmetric clipping (min and max clipped apart) 0.18 / 0.22; clip_grid 40
-    0.18 with mse*. Quantized one linear at a time by RTN, the layers share the
-    perplexity increase evenly (no layer stands out), consistent with AWQ's cut being
-    limited by this model's lack of outlier input channels (book/quantization.md).
+    On a second slice (validation tokens 65,536-131,072) the previous defaults remove
+    0.32, mse* 0.21, mse = False 0.20. Quantized one linear at a time by RTN, the layers
+    share the perplexity increase evenly (no layer stands out), consistent with AWQ's cut
+    being limited by this model's lack of outlier input channels (book/quantization.md).
 
     (One measurement each; the RTN increase is small, so differences of a few hundredths
     are within the noise of the selection.)
@@ -177,13 +206,16 @@ class AWQQuantizer(Quantizer):
     n_grid: int = 20
     duo_scaling: bool = True
     inspect: str = "module"
-    n_tokens: int = 8192
+    n_tokens: int = 16384
     clip: bool = True
     clip_grid: int = 20
     clip_tokens: int = 4096
     clip_qk: bool = False
     gqa_o: bool = True
     mse: bool = True
+    asym_clip: bool = True
+    joint: bool = True
+    sequential: bool = False
     batch_size: int = 8
     skip: tuple[str, ...] = DEFAULT_SKIP
     name = "awq"
@@ -202,6 +234,33 @@ class AWQQuantizer(Quantizer):
         for k in ("n_tokens", "clip_grid", "clip_tokens"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    def _ranged(self, name: str) -> bool:
+        """Whether linear `name` (relative to its layer) gets the asymmetric range search."""
+        return self.clip and self.asym_clip and (self.clip_qk or name not in NO_CLIP)
+
+    def _rounding(self, group: list[str], weights: list[torch.Tensor], x: torch.Tensor) -> Callable:
+        """The final rounding of each linear of `group`, as `awq_scale_search`'s
+        `rounding(W diag(s), s)`: the range search on the moments of x / s where the linear
+        gets one (`_ranged`), else `quantize_rtn`'s (`mse` or min-max)."""
+        H = group_moments(x, self.group_size)  # (groups, G, G) of the unscaled inputs
+        rows = [w.shape[0] for w in weights]
+
+        def rounding(Ws: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            sg = s.view(H.shape[0], -1)  # (groups, G)
+            Hs = H / (sg[:, :, None] * sg[:, None, :])  # moments of x / s
+            out = []
+            for n, part in zip(group, Ws.split(rows), strict=True):
+                if self._ranged(n):
+                    lo, hi = awq_range_search(Hs, part, self.bits, self.group_size, self.clip_grid)
+                    out.append(
+                        quantize_range(part, lo, hi, self.bits, self.group_size).dequantize()
+                    )
+                else:
+                    out.append(_fake_quant(part, self.bits, self.group_size, self.mse))
+            return torch.cat(out)
+
+        return rounding
 
     def _groups(self, layer: nn.Module) -> list[tuple[str, list[str], torch.Tensor | None]]:
         groups = [(p, g, None) for p, g in _scale_groups(layer)]
@@ -226,15 +285,22 @@ class AWQQuantizer(Quantizer):
             prefix = f"model.layers.{i}"
             names = [n for n, _ in layer.named_modules() if f"{prefix}.{n}" in layers]
             inputs = runner.capture(layer, names)
-            runner.advance(layer)  # next layer's inputs: this layer's float outputs
+            if not self.sequential:
+                runner.advance(layer)  # next layer's inputs: this layer's float outputs
             original = {k: v.clone() for k, v in layer.state_dict().items()}
             try:
                 for prev_name, group, share in self._groups(layer):
                     if not all(n in inputs for n in group):
                         continue
+                    weights = [layer.get_submodule(n).weight for n in group]
+                    rounding = (
+                        self._rounding(group, weights, inputs[group[0]])
+                        if self.joint and any(self._ranged(n) for n in group)
+                        else None
+                    )
                     s, alpha, _ = awq_scale_search(
                         inputs[group[0]],
-                        [layer.get_submodule(n).weight for n in group],
+                        weights,
                         self.bits,
                         self.group_size,
                         self.n_grid,
@@ -244,6 +310,7 @@ class AWQQuantizer(Quantizer):
                         seq_len=T,
                         share=share,
                         mse=self.mse,
+                        rounding=rounding,
                     )
                     self.alphas[f"{prefix}.{prev_name}"] = alpha
                     s_prev = None
@@ -255,7 +322,15 @@ class AWQQuantizer(Quantizer):
                         inputs[n] = inputs[n] / s
                 for n in names:
                     lin = layer.get_submodule(n)
-                    if self.clip and (self.clip_qk or n not in NO_CLIP):
+                    if self._ranged(n):
+                        H = group_moments(inputs[n], self.group_size)
+                        lo, hi = awq_range_search(
+                            H, lin.weight, self.bits, self.group_size, self.clip_grid
+                        )
+                        params[f"{prefix}.{n}"] = quantize_range(
+                            lin.weight.detach(), lo, hi, self.bits, self.group_size
+                        )
+                    elif self.clip and (self.clip_qk or n not in NO_CLIP):
                         max_val = awq_clip_search(
                             inputs[n],
                             lin.weight,
@@ -266,15 +341,20 @@ class AWQQuantizer(Quantizer):
                             mse=self.mse,
                         )
                         lin.weight.copy_(clip_weight(lin.weight, max_val))
-                    params[f"{prefix}.{n}"] = quantize_rtn(
-                        lin.weight.detach(), self.bits, self.group_size, mse=self.mse
-                    )
+                    if not self._ranged(n):
+                        params[f"{prefix}.{n}"] = quantize_rtn(
+                            lin.weight.detach(), self.bits, self.group_size, mse=self.mse
+                        )
                     if lin.bias is not None:
                         extra[f"{prefix}.{n}.bias"] = lin.bias.detach().clone()
                 for norm in ("input_layernorm", "post_attention_layernorm"):
                     extra[f"{prefix}.{norm}.weight"] = (
                         layer.get_submodule(norm).weight.detach().clone()
                     )
+                if self.sequential:  # next layer's inputs: this layer's quantized outputs
+                    for n in names:
+                        layer.get_submodule(n).weight.copy_(params[f"{prefix}.{n}"].dequantize())
+                    runner.advance(layer)
             finally:
                 layer.load_state_dict(original)
         config = dict(bits=self.bits, group_size=self.group_size, sym=False, desc_act=False)

@@ -15,6 +15,13 @@ max|w| by the factor in (1 - max_shrink, 1] that minimizes that group's share of
 quantized output error on the calibration inputs. With `mse`, Q in both searches is the
 rounding the final quantization applies (each group's range shrunk by `find_params_mse`),
 so the searches score the weights that will actually be stored.
+
+The asymmetric range search (`awq_range_search`) is the clipping step for the asymmetric
+quantizer: each group's min and max shrink apart, and the error of a group's share of the
+output is computed exactly on all calibration tokens from the group's input second
+moments H_g = X_g^T X_g / n (G, G): with d = w_g - Q(w_g),
+
+    mean_t (x_t,g . d)^2 = d^T H_g d
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from collections.abc import Callable
 
 import torch
 
-from minillm.quant.rtn import check_group_size, quantize_rtn
+from minillm.quant.rtn import (
+    QuantParams,
+    check_group_size,
+    find_params,
+    quantize_codes,
+    quantize_rtn,
+)
 
 Forward = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
@@ -56,6 +69,7 @@ def awq_scale_search(
     seq_len: int | None = None,
     share: torch.Tensor | None = None,
     mse: bool = False,
+    rounding: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float, list[float]]:
     """Best per-channel scales s (K,) for the weights (N_i, K) that all read x (n, K).
 
@@ -63,7 +77,9 @@ def awq_scale_search(
     linear layers' outputs, concatenated) on about `n_tokens` tokens of x (whole sequences
     of `seq_len` when given); the statistics mean|x| use all of x. `share` (K,) int: input
     channels with the same index get the same scale (e.g. query heads reading one kv head).
-    `mse`: score with the rounding of `quantize_rtn(..., mse=True)` (the final one's).
+    `mse`: score with the rounding of `quantize_rtn(..., mse=True)` (the final one's);
+    `rounding(W diag(s), s)`: score with this quantize-dequantize instead (e.g. one that
+    searches each group's range, `awq_range_search`, as the final rounding does).
 
     Returns (s, the best alpha, the output error of every alpha on the grid)."""
     x = x.float()
@@ -92,7 +108,10 @@ def awq_scale_search(
         else:
             s = x_mean.pow(alpha).clamp(min=1e-4)
         s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)  # centre the scales around 1
-        W_hat = _fake_quant(W * s, bits, group_size, mse) / s  # (sum N_i, K)
+        if rounding is None:
+            W_hat = _fake_quant(W * s, bits, group_size, mse) / s  # (sum N_i, K)
+        else:
+            W_hat = rounding(W * s, s) / s
         loss = float(((forward(x, list(W_hat.split(rows))) - ref) ** 2).mean())
         losses.append(loss)
         if loss < best:
@@ -139,3 +158,66 @@ def clip_weight(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
     """w (N, K) clamped to +-max_val (N, K // G) of its group."""
     bound = max_val.repeat_interleave(w.shape[1] // max_val.shape[1], dim=1)  # (N, K)
     return torch.maximum(torch.minimum(w, bound), -bound)
+
+
+def group_moments(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """H_g = X_g^T X_g / n of each input group of x (n, K): (K // G, G, G), float64 sums."""
+    n, K = x.shape
+    G = check_group_size(group_size, K)
+    H = torch.zeros(K // G, G, G, dtype=torch.float64)
+    for i in range(0, n, 8192):  # in chunks: (chunk, groups, G) fp32 products, fp64 sums
+        xg = x[i : i + 8192].float().view(-1, K // G, G)
+        H += torch.einsum("tgk,tgl->gkl", xg, xg).double()
+    return (H / n).float()
+
+
+def quantize_range(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, group_size: int
+) -> QuantParams:
+    """Asymmetric RTN of w (N, K) with the grid of each (row, group) spanning [lo, hi]
+    (N, K // G) instead of the group's [min, max]: weights outside are clamped to the ends."""
+    N, K = w.shape
+    G = check_group_size(group_size, K)
+    s, z = find_params(torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1), bits)
+    scales, zeros = s.view(N, K // G), z.view(N, K // G)
+    g_idx = torch.arange(K, dtype=torch.int32) // G
+    q = quantize_codes(w, scales[:, g_idx.long()], zeros[:, g_idx.long()], bits)
+    return QuantParams(q.to(torch.int32), scales, zeros, g_idx, bits, G)
+
+
+def awq_range_search(
+    H: torch.Tensor,
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best quantization range [lo, hi] per (output row, group) of w (N, K): two (N, K // G).
+
+    lo = a min(w_g, 0) and hi = b max(w_g, 0), a and b each on the grid 1, 1 - 1 / n_grid,
+    ... (down to 1 - max_shrink, separately: asymmetric clipping), chosen to minimize the
+    group's output error d^T H_g d (H from `group_moments`, d = w_g - Q_[lo, hi](w_g)).
+    a = b = 1 is min-max rounding, so no group errs more than unclipped."""
+    N, K = w.shape
+    G = check_group_size(group_size, K)
+    if H.shape != (K // G, G, G):
+        raise ValueError(
+            f"H must be ({K // G}, {G}, {G}) for w {tuple(w.shape)}, got {tuple(H.shape)}"
+        )
+    wg = w.float().view(N, K // G, G)
+    wmin, wmax = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)  # (N, groups)
+    best_err = torch.full_like(wmin, float("inf"))
+    best_lo, best_hi = wmin.clone(), wmax.clone()
+    shrinks = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
+    for a in shrinks:
+        for b in shrinks:
+            lo, hi = a * wmin, b * wmax
+            s, z = find_params(torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1), bits)
+            s, z = s.view(N, -1, 1), z.view(N, -1, 1)
+            d = s * (quantize_codes(wg, s, z, bits) - z) - wg  # (N, groups, G)
+            err = torch.einsum("ngk,gkl,ngl->ng", d, H, d)  # (N, groups)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi

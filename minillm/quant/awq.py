@@ -322,7 +322,7 @@ class AWQQuantizer(Quantizer):
                         inputs[n] = inputs[n] / s
                 for n in names:
                     lin = layer.get_submodule(n)
-                    if self._ranged(n):
+                    if self._ranged(n):  # clipping range and rounding in one search
                         H = group_moments(inputs[n], self.group_size)
                         lo, hi = awq_range_search(
                             H, lin.weight, self.bits, self.group_size, self.clip_grid
@@ -330,18 +330,18 @@ class AWQQuantizer(Quantizer):
                         params[f"{prefix}.{n}"] = quantize_range(
                             lin.weight.detach(), lo, hi, self.bits, self.group_size
                         )
-                    elif self.clip and (self.clip_qk or n not in NO_CLIP):
-                        max_val = awq_clip_search(
-                            inputs[n],
-                            lin.weight,
-                            self.bits,
-                            self.group_size,
-                            self.clip_grid,
-                            n_tokens=self.clip_tokens,
-                            mse=self.mse,
-                        )
-                        lin.weight.copy_(clip_weight(lin.weight, max_val))
-                    if not self._ranged(n):
+                    else:
+                        if self.clip and (self.clip_qk or n not in NO_CLIP):
+                            max_val = awq_clip_search(
+                                inputs[n],
+                                lin.weight,
+                                self.bits,
+                                self.group_size,
+                                self.clip_grid,
+                                n_tokens=self.clip_tokens,
+                                mse=self.mse,
+                            )
+                            lin.weight.copy_(clip_weight(lin.weight, max_val))
                         params[f"{prefix}.{n}"] = quantize_rtn(
                             lin.weight.detach(), self.bits, self.group_size, mse=self.mse
                         )

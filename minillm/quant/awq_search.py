@@ -171,15 +171,20 @@ def group_moments(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return (H / n).float()
 
 
+def _range_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (shaped like lo) of the asymmetric grid spanning [lo, hi]."""
+    s, z = find_params(torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1), bits)
+    return s.view(lo.shape), z.view(lo.shape)
+
+
 def quantize_range(
     w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, group_size: int
 ) -> QuantParams:
     """Asymmetric RTN of w (N, K) with the grid of each (row, group) spanning [lo, hi]
     (N, K // G) instead of the group's [min, max]: weights outside are clamped to the ends."""
-    N, K = w.shape
+    K = w.shape[1]
     G = check_group_size(group_size, K)
-    s, z = find_params(torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1), bits)
-    scales, zeros = s.view(N, K // G), z.view(N, K // G)
+    scales, zeros = _range_grid(lo, hi, bits)
     g_idx = torch.arange(K, dtype=torch.int32) // G
     q = quantize_codes(w, scales[:, g_idx.long()], zeros[:, g_idx.long()], bits)
     return QuantParams(q.to(torch.int32), scales, zeros, g_idx, bits, G)
@@ -213,8 +218,7 @@ def awq_range_search(
     for a in shrinks:
         for b in shrinks:
             lo, hi = a * wmin, b * wmax
-            s, z = find_params(torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1), bits)
-            s, z = s.view(N, -1, 1), z.view(N, -1, 1)
+            s, z = (t[..., None] for t in _range_grid(lo, hi, bits))  # (N, groups, 1)
             d = s * (quantize_codes(wg, s, z, bits) - z) - wg  # (N, groups, G)
             err = torch.einsum("ngk,gkl,ngl->ng", d, H, d)  # (N, groups)
             better = err < best_err

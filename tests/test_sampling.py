@@ -403,3 +403,40 @@ def test_metadata_builds_the_history_tables_only_for_penalties():
     assert md.output_counts[0, 5] == 3 and md.output_counts[1, 7] == 1
     with pytest.raises(ValueError, match="1 outputs for 2 rows"):
         SamplingMetadata.from_params(params, 10, output_token_ids=[[5]])
+
+
+# ---- greedy_argmax: torch's argmax in two passes -------------------------------------------
+@pytest.mark.parametrize("V, chunk", [(4096, 1024), (4100, 1024), (1000, 64), (130, 64)])
+def test_argmax_two_pass_equals_torch_argmax(V, chunk):
+    from minillm.sampling import argmax_two_pass
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(5, V, generator=g)
+    x[1] = -float("inf")  # every token masked: index 0, like argmax
+    x[2, V - 1] = 1e9  # the maximum in the padded last block
+    x[3, :] = 0.0  # ties everywhere: the first index
+    x[3, [chunk + 3, 2 * chunk - 1]] = 5.0  # tied maxima in different places: the first
+    x[4, [7, V - 2]] = 9.0
+    for t in (x, x.to(torch.bfloat16), x.half()):
+        got = argmax_two_pass(t, chunk)
+        assert got.dtype == torch.int64
+        assert got.tolist() == t.argmax(-1).tolist()
+
+
+def test_greedy_argmax_shapes_and_errors():
+    from minillm.sampling import argmax_two_pass, greedy_argmax
+
+    x = torch.randn(3, 100)
+    assert greedy_argmax(x).tolist() == x.argmax(-1).tolist()  # CPU: torch's argmax
+    with pytest.raises(ValueError, match=r"logits must be \(B, V\)"):
+        argmax_two_pass(torch.randn(2, 3, 100), 16)
+
+
+@pytest.mark.gpu
+def test_greedy_argmax_on_gpu_equals_torch_argmax():
+    from minillm.sampling import greedy_argmax
+
+    for V in (32000, 128256, 151936):
+        x = torch.randn(7, V, device="cuda", dtype=torch.bfloat16)
+        x[0, [5, V - 5]] = 100.0
+        assert greedy_argmax(x).tolist() == x.argmax(-1).tolist()

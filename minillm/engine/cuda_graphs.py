@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from minillm.layers.attention_metadata import AttentionMetadata
+from minillm.sampling import greedy_argmax
 
 MAX_STEPS = 16
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
@@ -63,7 +64,7 @@ class CUDAGraphs:
             max_decode_context=self.runner.max_model_len, use_triton=self.runner.use_triton,
         )  # fmt: skip
         logits = self.model(ids, pos, attn_metadata=md, check_inputs=False)  # (size, V)
-        best = logits.argmax(-1)  # (size,): the greedy token, fed back for the next step
+        best = greedy_argmax(logits)  # (size,): the greedy token, fed back for the next step
         self.steps[:, :size].index_copy_(0, self.step, best[None])
         self.step.add_(1).remainder_(MAX_STEPS)  # in range, whatever replays the graph
         ids.copy_(best)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from minillm.engine.sequence import Sequence
-from minillm.sampling import SamplingMetadata, process_logits, sample
+from minillm.sampling import SamplingMetadata, greedy_argmax, process_logits, sample
 
 
 def sampling_metadata(
@@ -34,7 +34,7 @@ def sampling_metadata(
 def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """One token per row of logits (B, V), row i with seqs[i]'s parameters -> (B,)."""
     if all(s.params.greedy and not s.params.has_penalties for s in seqs):
-        return logits.argmax(dim=-1)
+        return greedy_argmax(logits)
     return sample(logits, sampling_metadata(seqs, logits.shape[-1], logits.device))
 
 

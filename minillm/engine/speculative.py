@@ -30,6 +30,7 @@ from minillm.engine.lookahead import commit_lookahead, lookahead_tables
 from minillm.engine.model_runner import BatchRow, ModelRunner
 from minillm.engine.sampler import sample_tokens, token_probs
 from minillm.engine.scheduler import SchedulerOutput
+from minillm.sampling import greedy_argmax
 from minillm.sampling_params import SamplingParams
 
 
@@ -113,7 +114,7 @@ class SpeculativeDecoder:
     def _propose(self, logits: torch.Tensor, seqs: list) -> tuple[list[int], torch.Tensor | None]:
         """Draft tokens from the draft's logits (B, V), and the q they were drawn from."""
         if all(s.params.greedy for s in seqs):
-            return logits.argmax(-1).tolist(), None
+            return greedy_argmax(logits).tolist(), None
         probs = token_probs(logits, seqs)
         return sample_probs(probs, seqs), probs
 
@@ -253,7 +254,7 @@ class SpeculativeDecoder:
         rows = logits[[i for _, a, b in spans for i in range(a, b)]]  # (sum (k_s + 1), V)
         at = 0
         if all(s.params.greedy for s in seqs):
-            best = rows.argmax(-1).tolist()
+            best = greedy_argmax(rows).tolist()
             for it, a, b in spans:
                 emitted[it.seq.seq_id] = greedy_verify(
                     drafted[it.seq.seq_id], best[at : at + b - a]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 from pathlib import Path
 
 import torch
@@ -59,22 +60,33 @@ def attention_fns(causal: bool, device: str) -> dict:
     return fns
 
 
-def measure(fn, q, k, v, backward: bool, device: str, repeat: int) -> float | None:
-    """Seconds per call (forward, or backward of a saved forward); None if unsupported.
-    Each timing covers 3 back-to-back calls (the GPU, not the launch, sets the pace)."""
+def measure(fns: dict, q, k, v, backward: bool, device: str, repeat: int) -> dict:
+    """Seconds per call of each function (forward, or backward of a saved forward); None
+    for one that cannot run. Each timing covers 3 back-to-back calls (the GPU, not the
+    launch, sets the pace). The functions take turns, `repeat` rounds of one timing each,
+    and each keeps its median: a drift of the GPU's clock during the row (it heats up)
+    falls on all of them alike instead of on whichever ran last."""
     inner = 3 if device == "cuda" else 1
-    try:
-        if not backward:
-            step = lambda: [fn(q, k, v) for _ in range(inner)]  # noqa: E731
-        else:
-            out = fn(q, k, v)
-            do = torch.randn_like(out)
-            step = lambda: [torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
-                            for _ in range(inner)]  # fmt: skip
-        return time_fn(step, warmup=min(2, repeat), repeat=repeat, device=device) / inner
-    except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. a backend that cannot run
-        print(f"    skipped: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
-        return None
+    steps, times = {}, {}
+    for name, fn in fns.items():
+        try:
+            if not backward:
+                step = lambda fn=fn: [fn(q, k, v) for _ in range(inner)]  # noqa: E731
+            else:
+                out = fn(q, k, v)
+                do = torch.randn_like(out)
+                step = lambda out=out, do=do: [  # noqa: E731
+                    torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+                    for _ in range(inner)
+                ]  # fmt: skip
+            time_fn(step, warmup=min(2, repeat), repeat=1, device=device)  # warm-up, tuning
+            steps[name], times[name] = step, []
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. a backend that cannot run
+            print(f"    {name} skipped: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
+    for _ in range(repeat):
+        for name, step in steps.items():
+            times[name].append(time_fn(step, warmup=0, repeat=1, device=device) / inner)
+    return {name: statistics.median(times[name]) if name in times else None for name in fns}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             [64, 128],
             [4096, 16384],
         )
-        dtype, repeat = torch.bfloat16, 10
+        dtype, repeat = torch.bfloat16, 15
     if device == "cpu":
         dtype = torch.float32  # CPU SDPA and the interpreter: fp32
     peak = matmul_tflops(device, 256 if args.smoke else 8192)
@@ -118,10 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
                     flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
                     flops *= 2.5 if pass_ == "bwd" else 1.0
                     row = dict(direction=pass_, D=D, causal=causal, N=N, B=B, H=H, tflops={})
-                    for name, fn in attention_fns(causal, device).items():
-                        if name == "naive" and (pass_ == "bwd" or B * H * N * N * 4 > 2**33):
-                            continue  # the (B, H, N, N) fp32 scores would not be worth it
-                        s = measure(fn, q, k, v, pass_ == "bwd", device, repeat)
+                    fns = {
+                        name: fn for name, fn in attention_fns(causal, device).items()
+                        if not (name == "naive" and (pass_ == "bwd" or B * H * N * N * 4 > 2**33))
+                    }  # (naive: the (B, H, N, N) fp32 scores would not be worth it)  # fmt: skip
+                    seconds = measure(fns, q, k, v, pass_ == "bwd", device, repeat)
+                    for name, s in seconds.items():
                         row["tflops"][name] = None if s is None else flops / s / 1e12
                     if pass_ == "fwd":  # the kernel computes what SDPA computes, at this size
                         fns = attention_fns(causal, device)

@@ -5,8 +5,9 @@ Triton's CPU interpreter runs a kernel but never compiles it, so what only the c
 laptop. Triton's NVIDIA backend, ptxas included, ships with the CPU wheel, so the whole
 pipeline (Triton IR -> GPU IR -> LLVM -> PTX -> cubin) runs anywhere. This tool compiles
 every kernel with its autotune configs, pointers and strides marked 16-byte aligned as the
-launcher marks them at run time, and reports registers and spills when a ptxas that reads
-the PTX is present.
+launcher marks them at run time (and the int arguments a spec types "i32:16", which the
+launcher marks when their values are multiples of 16, as a model's dims are), and reports
+registers and spills when a ptxas that reads the PTX is present.
 
     python -m minillm.kernels.compile_check            # every config (minutes)
     python -m minillm.kernels.compile_check --quick    # one config per kernel
@@ -24,7 +25,13 @@ from pathlib import Path
 
 
 def _specs(quick: bool, dtype: str) -> list[tuple[str, object, dict, dict, object]]:
-    from minillm.kernels import flash_attn, flash_attn_bwd, paged_attention, reshape_and_cache
+    from minillm.kernels import (
+        flash_attn,
+        flash_attn_bwd,
+        gemv,
+        paged_attention,
+        reshape_and_cache,
+    )
 
     first = (lambda cfgs: cfgs[:1]) if quick else (lambda cfgs: cfgs)
     flags = dict(HAS_WINDOW=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32")
@@ -59,6 +66,19 @@ def _specs(quick: bool, dtype: str) -> list[tuple[str, object, dict, dict, objec
     specs.append(("reshape_and_cache_kernel", reshape_and_cache.reshape_and_cache_kernel,
                   {n: f"*{dtype}" for n in ("K", "V", "KC", "VC")} | {"slot_mapping": "*i32"},
                   dict(HEAD_DIM=128, BLOCK=1024), None))  # fmt: skip
+    specs.append(("rotary_and_cache_kernel", reshape_and_cache.rotary_and_cache_kernel,
+                  {n: f"*{dtype}" for n in ("Q", "K", "V", "COS", "SIN", "KC", "VC")}
+                  | {"slot_mapping": "*i32"},
+                  dict(HALF=64, BLOCK_H=32, BLOCK_HKV=8, BLOCK_D=64), None))  # fmt: skip
+    gemv_t = {n: f"*{dtype}" for n in "XWBY"} | {"N": "i32:16", "K": "i32:16"}
+    gemv_cases = [(False, False, 3072, 2048), (True, False, 2048, 8192)]  # qkv, down 1B
+    if not quick:  # Qwen2's qkv bias; BLOCK_N 8 (gate_up 1B)
+        gemv_cases += [(False, True, 3072, 2048), (False, False, 16384, 2048)]
+    for silu_mul, bias, N, K in gemv_cases:
+        cfg = gemv.gemv_config(N, K)
+        ce = dict(HAS_BIAS=bias, SILU_MUL=silu_mul, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+        label = f"gemv_kernel silu_mul={silu_mul} bias={bias} N={N} K={K} {cfg}"
+        specs.append((label, gemv.gemv_kernel, gemv_t, ce, cfg))
     return specs
 
 
@@ -98,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for label, kernel, types, constexprs, cfg in _specs(args.quick, args.dtype):
         names = kernel.arg_names
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32").split(":")[0]
+                     for n in names}  # fmt: skip
         aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                   if signature[n].startswith("*") or n.startswith("stride")}  # fmt: skip
+                   if signature[n].startswith("*") or n.startswith("stride")
+                   or types.get(n, "").endswith(":16")}  # fmt: skip
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {}
         try:
             compiled = triton.compile(

@@ -15,6 +15,9 @@ as the matmuls. Each of these kernels does one read and one write of its tensors
 (DeepSpeed-Inference's kernel injection and vLLM's custom ops are these kernels.) Pseudo-code,
 one program per token row; the casts follow the PyTorch twins in `minillm.layers` exactly
 (statistics in fp32, each result rounded to the activations' dtype where PyTorch rounds).
+Two launches more come off in the engine's fused layers: the residual add after the MLP
+rides in the next layer's fused_add_rms_norm (`minillm.engine.fusion`), and RoPE on k goes
+straight into the paged pool (`minillm.kernels.reshape_and_cache.rotary_and_cache`).
 
 Tests: tests/test_engine_fusion.py (against the PyTorch layers, CPU interpreter and `gpu`).
 """
@@ -87,22 +90,29 @@ def rms_norm(
 
 
 @triton.jit
-def _rotate_heads(X, n, stride_n, stride_h, heads, c, s, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """x' = x * cos + rotate_half(x) * sin for the heads of token n, rounded like the twin."""
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    ok = (h[:, None] < heads) & (d[None, :] < HALF)
-    p1 = X + n * stride_n + h[:, None] * stride_h + d[None, :]  # (BLOCK_H, BLOCK_D)
-    x1 = tl.load(p1, mask=ok, other=0.0)
-    x2 = tl.load(p1 + HALF, mask=ok, other=0.0)
+def rope_halves(x1, x2, c, s):
+    """The halves (x1, x2) of heads (BLOCK_H, BLOCK_D), rotated by the angles' cos/sin
+    (BLOCK_D,): x' = x * cos + rotate_half(x) * sin, rounded like the twin."""
     dt = x1.dtype
     a1 = (x1.to(tl.float32) * c[None, :]).to(dt).to(tl.float32)
     b1 = (-x2.to(tl.float32) * s[None, :]).to(dt).to(tl.float32)
     a2 = (x2.to(tl.float32) * c[None, :]).to(dt).to(tl.float32)
     b2 = (x1.to(tl.float32) * s[None, :]).to(dt).to(tl.float32)
-    tl.store(p1, (a1 + b1).to(dt), mask=ok)
-    tl.store(p1 + HALF, (a2 + b2).to(dt), mask=ok)
+    return (a1 + b1).to(dt), (a2 + b2).to(dt)
+
+
+@triton.jit
+def rotate_heads(X, n, stride_n, stride_h, heads, c, s, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Rotate the heads of token n in place."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    ok = (h[:, None] < heads) & (d[None, :] < HALF)
+    p1 = X + n * stride_n + h[:, None] * stride_h + d[None, :]  # (BLOCK_H, BLOCK_D)
+    x1, x2 = rope_halves(tl.load(p1, mask=ok, other=0.0), tl.load(p1 + HALF, mask=ok, other=0.0),
+                         c, s)  # fmt: skip
+    tl.store(p1, x1, mask=ok)
+    tl.store(p1 + HALF, x2, mask=ok)
 
 
 @triton.jit
@@ -115,8 +125,8 @@ def rotary_kernel(
     d = tl.arange(0, BLOCK_D)
     c = tl.load(COS + n * stride_cn + d, mask=d < HALF, other=0.0).to(tl.float32)
     s = tl.load(SIN + n * stride_cn + d, mask=d < HALF, other=0.0).to(tl.float32)
-    _rotate_heads(Q, n, stride_qn, stride_qh, num_heads, c, s, HALF, BLOCK_H, BLOCK_D)
-    _rotate_heads(K, n, stride_kn, stride_kh, num_kv_heads, c, s, HALF, BLOCK_H, BLOCK_D)
+    rotate_heads(Q, n, stride_qn, stride_qh, num_heads, c, s, HALF, BLOCK_H, BLOCK_D)
+    rotate_heads(K, n, stride_kn, stride_kh, num_kv_heads, c, s, HALF, BLOCK_H, BLOCK_D)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -172,10 +172,42 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         inv_freq = rope_inv_freq(self.config, device=x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)  # (T, D) or (B, T, D)
+        x, residual = self._layers(x, cos, sin, cache)
+        return self.lm_head(self._final_norm(x, residual))  # (B, T, V)
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        attn_metadata: AttentionMetadata | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder layers: x -> (x, residual), the hidden states being x + residual
+        (x alone when residual is None). Fused layers (`minillm.engine.fusion`) leave their
+        last residual add to the next norm, which does it in the same kernel."""
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, self.attn_backend, cache)
-        x = self.model.norm(x)
-        return self.lm_head(x)  # (B, T, V)
+            carry = getattr(layer, "forward_carry", None)
+            if carry is not None:
+                x, residual = carry(x, residual, cos, sin, self.attn_backend, cache, attn_metadata)
+                continue
+            if residual is not None:
+                x, residual = x + residual, None
+            if attn_metadata is None:
+                x = layer(x, cos, sin, self.attn_backend, cache)
+            else:
+                x = layer(x, cos, sin, self.attn_backend, None, attn_metadata)
+        return x, residual
+
+    def _final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The final norm of x + residual; a norm that takes `residual` (the fused one)
+        does the add."""
+        if residual is None:
+            return self.model.norm(x)
+        if isinstance(self.model.norm, RMSNorm):  # the plain norm: no fused add
+            return self.model.norm(x + residual)
+        return self.model.norm(x, residual=residual)[0]
 
     def forward_packed(
         self,
@@ -187,29 +219,37 @@ class CausalLM(nn.Module):
         """The packed path of `forward`: ids and positions (N,) -> logits (R, V)."""
         if check_inputs:
             self._check_packed(input_ids, positions)
-        x = self.packed_hidden_states(input_ids, positions, attn_metadata)
-        return self.compute_logits(x, attn_metadata.logits_indices)
+        x, residual = self._packed_layers(input_ids, positions, attn_metadata)
+        return self.compute_logits(x, attn_metadata.logits_indices, residual)
 
     def packed_hidden_states(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         """The decoder layers over a packed batch: ids and positions (N,) -> (N, C), before
         the final norm. Rows are independent except inside `attn_metadata.attend`."""
+        x, residual = self._packed_layers(input_ids, positions, attn_metadata)
+        return x if residual is None else x + residual
+
+    def _packed_layers(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.model.embed_tokens(input_ids)  # (N, C)
         inv_freq = rope_inv_freq(self.config, device=x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)  # (N, D)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, self.attn_backend, None, attn_metadata)
-        return x
+        return self._layers(x, cos, sin, None, attn_metadata)
 
     def compute_logits(
-        self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final norm and LM head on the rows `logits_indices` of hidden (N, C) (all rows
-        when None) -> (R, V)."""
+        when None) -> (R, V); with `residual` (N, C), of hidden + residual."""
         if logits_indices is not None:
             hidden = hidden[logits_indices]  # (R, C): only the rows that are sampled
-        return self.lm_head(self.model.norm(hidden))  # (R, V)
+            residual = None if residual is None else residual[logits_indices]
+        return self.lm_head(self._final_norm(hidden, residual))  # (R, V)
 
     def _check_packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
         for name, t in (("input_ids", input_ids), ("positions", positions)):

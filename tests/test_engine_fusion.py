@@ -282,3 +282,163 @@ def test_full_graph_steps_match_the_eager_forward(device):
         err = (full - eager).abs().max()
         assert torch.allclose(full, eager, atol=1e-4, rtol=1e-4), (m, err)
         assert torch.allclose(pool, eager_pool, atol=1e-5) and not pool[:, 0].any()
+
+
+def rope_cache_case(N, H, Hkv, D, num_blocks, page, dtype, device, seed=0):
+    """q, k, v (N, H|Hkv, D) as views of one qkv_proj output (the engine's strides),
+    cos/sin (N, D), a pool full of garbage, and shuffled slots with some -1 (padding)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(N, (H + 2 * Hkv) * D, generator=g).to(device, dtype)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(N, H, D), k.view(N, Hkv, D), v.view(N, Hkv, D)
+    angles = 3 * torch.randn(N, D // 2, generator=g)
+    angles = torch.cat((angles, angles), -1)
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    k_cache, v_cache = torch.randn(2, num_blocks, page, Hkv, D, generator=g).to(device, dtype)
+    slots = torch.randperm(num_blocks * page, generator=g)[:N]
+    slots[torch.randperm(N, generator=g)[: max(1, N // 5)]] = -1
+    return q, k, v, cos, sin, k_cache, v_cache, slots.to(device)
+
+
+@pytest.mark.parametrize(
+    "device, dtype, N, H, Hkv, D, num_blocks, page",
+    [
+        ("cpu", torch.float32, 7, 6, 2, 24, 3, 5),  # D / 2 = 12 and 6 heads: masked tiles
+        ("cpu", torch.float16, 11, 5, 5, 16, 4, 4),  # no GQA
+        ("cpu", torch.float16, 4, 8, 1, 40, 2, 3),  # MQA
+        pytest.param("cuda", torch.bfloat16, 256, 32, 8, 128, 64, 16, marks=pytest.mark.gpu),
+    ],
+)
+def test_rotary_and_cache_equals_rotary_then_reshape_and_cache(
+    device, dtype, N, H, Hkv, D, num_blocks, page
+):
+    """One kernel for RoPE on q (in place) and k, and the K/V write: the same bits as the
+    two kernels it replaces; padding slots (-1) write nothing; k itself is not touched."""
+    from minillm.kernels.fused_layers import rotary_
+    from minillm.kernels.reshape_and_cache import reshape_and_cache, rotary_and_cache
+
+    q, k, v, cos, sin, k_cache, v_cache, slots = rope_cache_case(
+        N, H, Hkv, D, num_blocks, page, dtype, device
+    )
+    q_ref, k_ref, kc_ref, vc_ref = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
+    rotary_(q_ref, k_ref, cos, sin)
+    reshape_and_cache(k_ref, v, kc_ref, vc_ref, slots)
+    k_before = k.clone()
+    rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert torch.equal(q, q_ref), "q is not rotated as rotary_ rotates it"
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref), "the pool differs"
+    assert torch.equal(k, k_before), "k must stay unrotated (its rotation goes to the pool)"
+    expect = apply_rotary(k.transpose(0, 1), cos, sin).transpose(0, 1)
+    kept = slots >= 0
+    written = k_cache.view(-1, Hkv, D)[slots[kept]]
+    assert torch.allclose(written.float(), expect[kept].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_rotary_and_cache_rejects_bad_input():
+    from minillm.kernels.reshape_and_cache import rotary_and_cache
+
+    q, k, v, cos, sin, kc, vc, slots = rope_cache_case(5, 4, 2, 8, 2, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="q must be"):
+        rotary_and_cache(q[:, :, :4], k, v, cos, sin, kc, vc, slots)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rotary_and_cache(q, k, v, cos[:4], sin[:4], kc, vc, slots)
+    with pytest.raises(ValueError, match="one float dtype"):
+        rotary_and_cache(q.half(), k, v, cos, sin, kc, vc, slots)
+    with pytest.raises(ValueError, match="one float dtype"):
+        rotary_and_cache(q, k, v, cos, sin, kc, vc.half(), slots)
+    with pytest.raises(ValueError, match="pool"):
+        rotary_and_cache(q, k, v, cos, sin, kc[..., :1, :], vc[..., :1, :], slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rotary_and_cache(q, k, v, cos, sin, kc, vc, slots.float())
+    with pytest.raises(ValueError, match="outside the pool"):
+        rotary_and_cache(q, k, v, cos, sin, kc, vc, slots + 8)
+    q7, k7, v7, cos7, sin7, kc7, vc7, s7 = rope_cache_case(3, 2, 1, 7, 2, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="even head dim"):
+        rotary_and_cache(q7, k7, v7, cos7, sin7, kc7, vc7, s7)
+
+
+class _OldOrder:
+    """The metadata without `stores_kv_at_slots`: the layers run RoPE, then `attend`
+    stores K/V (the order before the fused kernel)."""
+
+    def __init__(self, md):
+        self.md, self.logits_indices = md, md.logits_indices
+
+    def attend(self, *args, **kwargs):
+        return self.md.attend(*args, **kwargs)
+
+
+def _old_order_logits(model, ids, positions, cache=None, md=None):
+    """The fused model as it ran before the residual add moved into the next norm: every
+    layer returns h + mlp output, the final norm sees the sum."""
+    from minillm.layers.rotary import rope_cos_sin, rope_inv_freq
+
+    x = model.model.embed_tokens(ids)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(model.config, x.device), x.dtype)
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, model.attn_backend, cache, md)
+    return model.lm_head(model.model.norm(x))
+
+
+@pytest.mark.parametrize(
+    "use_triton, dtype, device",
+    [
+        (False, torch.bfloat16, "cpu"),
+        # fp16: the interpreter casts fp32 -> bf16 by truncation (the GPU and torch round
+        # to nearest even), so its bf16 kernels cannot give torch's bits
+        (True, torch.float16, "cpu"),
+        pytest.param(True, torch.bfloat16, "cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_carried_residual_gives_the_same_bits(tmp_path, use_triton, dtype, device):
+    """16-bit activations, where every add rounds: the residual add carried into the next
+    norm (and the final one) and RoPE fused into the K/V write give the bits of the
+    previous order, on the dense path and the packed paged path (a prefill, then a
+    decode); and stay close to the unfused model."""
+    from minillm.cache.paged import PagedKVCache
+    from minillm.layers.attention_metadata import AttentionMetadata
+
+    make_hf_model("qwen3").save_pretrained(tmp_path)  # q/k norm, GQA, head_dim 32
+    ref = minillm.load_model(tmp_path, dtype=dtype, device=device)
+    fused = minillm.load_model(tmp_path, dtype=dtype, device=device)
+    fused = inject_fused_modules(fused, use_triton=use_triton)
+    T = 11
+    ids = torch.randint(0, 128, (1, T + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    with torch.no_grad():
+        dense = fused(ids)
+        old = _old_order_logits(fused, ids, torch.arange(T + 1, device=device))
+        assert torch.equal(dense, old)
+        assert torch.allclose(dense.float(), ref(ids).float(), atol=5e-2)
+        pools = [PagedKVCache.for_model(fused.config, 4, 8, dtype=dtype, device=device)
+                 for _ in range(3)]  # fmt: skip
+
+        def metadata(pool, step):
+            def t(values, dt=torch.int64):
+                return torch.tensor(values, dtype=dt, device=device)
+
+            kw = dict(kv_cache=pool, use_triton=device == "cuda")
+            if step == 0:  # a prefill of T tokens in slots 0 .. T - 1
+                cu = t([0, T], torch.int32)
+                return AttentionMetadata(
+                    slot_mapping=t(range(T)), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                    kv_slots=t(range(T)), query_lens=[T], key_lens=[T], **kw,
+                )  # fmt: skip
+            return AttentionMetadata(
+                slot_mapping=t([T]), num_decodes=1, block_tables=t([[0, 1]], torch.int32),
+                context_lens=t([T + 1], torch.int32), max_decode_context=T + 1, **kw,
+            )  # fmt: skip
+
+        steps = [(ids[0, :T], torch.arange(T, device=device)),
+                 (ids[0, T:], torch.tensor([T], device=device))]  # fmt: skip
+        for step, (tok, pos) in enumerate(steps):
+            new = fused(tok, pos, attn_metadata=metadata(pools[0], step))
+            old = _old_order_logits(fused, tok, pos, None, _OldOrder(metadata(pools[1], step)))
+            assert torch.equal(new, old), step
+            assert torch.equal(pools[0].k_cache, pools[1].k_cache), step
+            assert torch.equal(pools[0].v_cache, pools[1].v_cache), step
+            unfused = ref(tok, pos, attn_metadata=metadata(pools[2], step))
+            assert torch.allclose(new.float(), unfused.float(), atol=5e-2), step
+        assert torch.allclose(new.float(), dense[0, T:].float(), atol=5e-2)
+        hidden = fused.packed_hidden_states(tok, pos, metadata(pools[0], 1))
+        assert torch.equal(fused.compute_logits(hidden), new)  # the graphs' split forward

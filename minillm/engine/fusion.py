@@ -9,6 +9,22 @@ Two ideas from CTranslate2 and DeepSpeed-Inference (and every serving engine sin
     x -> [add + RMSNorm] -> qkv_proj -> [RoPE q,k] -> attention -> o_proj
       -> [add + RMSNorm] -> gate_up_proj -> [SiLU * up] -> down_proj -> + residual
 
+Two more launches per layer come off on CUDA, where a decode step at batch 1 is a chain of
+tiny kernels (~1.5-2 us each against ~40 us of weight reads per layer):
+  - the residual add after the MLP is not a kernel of its own: a layer hands (mlp output,
+    residual) on (`FusedDecoderLayer.forward_carry`), and the next layer's input norm, or
+    the model's final norm, adds them in its fused add + RMSNorm (vLLM's layers do the same);
+  - over a paged pool, RoPE on k writes straight into the cache and RoPE on q runs in the
+    same kernel (`minillm.kernels.reshape_and_cache.rotary_and_cache`), in place of the
+    RoPE kernel and the cache write (`reshape_and_cache`) inside `attend`.
+Both round where the unfused order rounds: the outputs are the same bits.
+
+At batch 1 (one row of activations) every projection is a GEMV, bound by its weight read:
+with Triton on CUDA they run `minillm.kernels.gemv` (one program per few output rows, no
+split-K reduce kernel), and down_proj computes SiLU-and-multiply while loading its input,
+so the silu_and_mul kernel is gone too (`_gemv_path` says when; fp32 accumulation in
+another order than cuBLAS: close to F.linear, not its bits).
+
 Each fused module computes what the modules it replaces compute (tested against them);
 without CUDA the bracketed steps run their PyTorch twins. `minillm.engine.inject` swaps
 them into a model.
@@ -16,12 +32,14 @@ them into a model.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.kernels import interpreting
 from minillm.layers.attention import Attention, attention, rotate_packed
 from minillm.layers.mlp import SwiGLUMLP
 from minillm.layers.norm import RMSNorm, rms_norm
@@ -44,6 +62,32 @@ def _concat_linear(*linears: nn.Module) -> nn.Linear | None:
     if bias:
         fused.bias.data.copy_(torch.cat([m.bias.data for m in linears]))
     return fused
+
+
+def _gemv_path(linear: nn.Module, x: torch.Tensor, use_triton: bool) -> bool:
+    """Whether `linear` on x runs as the batch-1 GEMV kernel: Triton on, x on CUDA (or the
+    interpreter), one row of 16-bit activations, a plain nn.Linear of x's dtype (a quantized
+    layer keeps its own kernel), and a shape where the kernel beat cuBLAS on an H100:
+    K <= 8192 (`minillm.kernels.gemv.gemv_beats_torch`: cuBLAS won down_proj 7B, 4096 x
+    11008, 34.5 vs 37.3 us; the GEMV was 2-18% faster on the 1B/7B shapes up to K = 8192)."""
+    if not (use_triton and type(linear) is nn.Linear and math.prod(x.shape[:-1]) == 1):
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16) or linear.weight.dtype != x.dtype:
+        return False
+    if not (x.is_cuda or interpreting()):
+        return False
+    from minillm.kernels.gemv import gemv_beats_torch
+
+    return gemv_beats_torch(*linear.weight.shape)
+
+
+def _linear(linear: nn.Module, x: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """linear(x), through the GEMV kernel at batch 1 (`_gemv_path`)."""
+    if _gemv_path(linear, x, use_triton):
+        from minillm.kernels.gemv import gemv
+
+        return gemv(x, linear.weight, linear.bias)
+    return linear(x)
 
 
 class FusedRMSNorm(nn.Module):
@@ -78,7 +122,11 @@ class FusedMLP(nn.Module):
         if self.gate_up_proj is None:
             gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         else:
-            gate_up = self.gate_up_proj(x)  # (..., 2F) = [gate | up]
+            gate_up = _linear(self.gate_up_proj, x, self.use_triton)  # (..., 2F) = [gate | up]
+        if _gemv_path(self.down_proj, gate_up, self.use_triton):  # batch 1: one kernel
+            from minillm.kernels.gemv import silu_mul_gemv
+
+            return silu_mul_gemv(gate_up, self.down_proj.weight, self.down_proj.bias)
         if self.use_triton:
             from minillm.kernels.fused_layers import silu_and_mul
 
@@ -105,7 +153,7 @@ class FusedAttention(nn.Module):
         if self.qkv_proj is None:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         else:
-            qkv = self.qkv_proj(x)  # (..., (H + 2 Hkv) D)
+            qkv = _linear(self.qkv_proj, x, self.use_triton)  # (..., (H + 2 Hkv) D)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         shape = x.shape[:-1]
         q, k, v = q.view(*shape, H, D), k.view(*shape, Hkv, D), v.view(*shape, Hkv, D)
@@ -124,6 +172,15 @@ class FusedAttention(nn.Module):
     ) -> torch.Tensor:
         if attn_metadata is not None:  # packed (N, C)
             q, k, v = self._qkv(x)  # (N, H, D), (N, Hkv, D)
+            if self.use_triton and getattr(attn_metadata, "stores_kv_at_slots", False):
+                from minillm.kernels.reshape_and_cache import rotary_and_cache
+
+                k_cache, v_cache = attn_metadata.kv_cache.layer(self.layer_idx)
+                # q rotated in place, rotated k and v into the pool: one kernel for two
+                rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, attn_metadata.slot_mapping,
+                                 check_bounds=False)  # fmt: skip
+                y = attn_metadata.attend(self.layer_idx, q, k, v, self.window, kv_stored=True)
+                return _linear(self.o_proj, y.reshape(x.shape[0], -1), self.use_triton)
             if self.use_triton:
                 from minillm.kernels.fused_layers import rotary_
 
@@ -131,18 +188,22 @@ class FusedAttention(nn.Module):
             else:
                 q, k = rotate_packed(q, cos, sin), rotate_packed(k, cos, sin)
             y = attn_metadata.attend(self.layer_idx, q, k, v, self.window)
-            return self.o_proj(y.reshape(x.shape[0], -1))
+            return _linear(self.o_proj, y.reshape(x.shape[0], -1), self.use_triton)
         B, T, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self._qkv(x))  # (B, H|Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attention(q, k, v, window=self.window, backend=backend)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), self.use_triton)
 
 
 class FusedDecoderLayer(nn.Module):
-    """A decoder layer of fused modules; the second norm carries the residual add."""
+    """A decoder layer of fused modules; its norms carry the residual adds.
+
+    `forward_carry` leaves the layer's last add to whoever normalizes next: (x, residual)
+    -> (mlp output, h), the layer's output being h + mlp output. `forward` is the plain
+    x -> x contract (that add done here), for code that runs one layer at a time."""
 
     def __init__(self, layer: nn.Module, use_triton: bool):
         super().__init__()
@@ -160,6 +221,25 @@ class FusedDecoderLayer(nn.Module):
         cache: KVCache | None = None,
         attn_metadata: AttentionMetadata | None = None,
     ) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), cos, sin, backend, cache, attn_metadata)
-        normed, h = self.post_attention_layernorm(a, residual=x)  # h = x + a
-        return h + self.mlp(normed)
+        out, h = self.forward_carry(x, None, cos, sin, backend, cache, attn_metadata)
+        return h + out
+
+    def forward_carry(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: str,
+        cache: KVCache | None = None,
+        attn_metadata: AttentionMetadata | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the hidden states x + residual (x alone when residual is None):
+        returns (mlp output, h), whose sum is the layer's output."""
+        if residual is None:
+            normed, residual = self.input_layernorm(x), x
+        else:  # the previous layer's last add, rounded as `h + out` would round it
+            normed, residual = self.input_layernorm(x, residual)
+        a = self.self_attn(normed, cos, sin, backend, cache, attn_metadata)
+        normed, h = self.post_attention_layernorm(a, residual=residual)  # h = residual + a
+        return self.mlp(normed), h

@@ -29,6 +29,7 @@ the metadata
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,11 @@ class AttentionMetadata:
     # One kernel for every row (`minillm.kernels.unified_attention`): (block_tables (B, W),
     # cu_seqlens_q (B + 1,), context_lens (B,), host query lengths, program table).
     unified: tuple | None = None
+    # `attend` stores k, v in `kv_cache` at `slot_mapping`; a layer that has already stored
+    # them (RoPE fused with the write, `minillm.kernels.reshape_and_cache.rotary_and_cache`)
+    # says so with attend(..., kv_stored=True). Stand-ins for the metadata (the piecewise
+    # graphs' capture) lack the flag: their layers keep RoPE, then attend.
+    stores_kv_at_slots: ClassVar[bool] = True
 
     @property
     def num_prefills(self) -> int:
@@ -72,16 +78,17 @@ class AttentionMetadata:
         v: torch.Tensor,
         window: int | None = None,
         out: torch.Tensor | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         """Store k, v (N, Hkv, D) of layer `layer_idx` in the pool, then attend: q (N, H, D)
         -> (N, H, D), every query over its own sequence's keys (causal, `window`); written
-        into `out` (N, H, D) when given."""
+        into `out` (N, H, D) when given. `kv_stored`: the caller has stored them already."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        if self.use_triton:
+        if not kv_stored and self.use_triton:
             from minillm.kernels.reshape_and_cache import reshape_and_cache
 
             reshape_and_cache(k, v, k_cache, v_cache, self.slot_mapping, check_bounds=False)
-        else:
+        elif not kv_stored:
             reshape_and_cache_ref(k, v, k_cache, v_cache, self.slot_mapping)
         out = torch.empty_like(q) if out is None else out
         if self.unified is not None:

@@ -138,6 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # `minillm bench` runs these (`python -m benchmarks.<name>` runs one).
 BENCHMARKS = {
     "engine_decode": "batch-1 decode tokens/s vs the bandwidth roofline; HF generate (GPU)",
+    "engine_decode_profile": "batch-1 decode: each kernel's time per token (GPU)",
     "engine_throughput": "256 mixed requests: continuous vs static batching vs HF generate",
     "engine_chunked": "time between tokens with and without chunked prefill",
     "engine_speculative": "speculative decoding speed-up with the bundled pair (CPU or GPU)",

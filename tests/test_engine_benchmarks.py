@@ -46,3 +46,24 @@ def test_minillm_bench_runs_the_benchmarks(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "minillm", "bench", "nope"], env=ENV,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
+
+
+def test_decode_profile_smoke(tmp_path):
+    """The per-kernel profile of batch-1 decoding: its rows, sorted, add up to the total it
+    reports, every row was launched, and the matmuls are among them."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine_decode_profile", "--smoke", "--out",
+         str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / "engine_decode_profile_smoke.json").read_text())
+    assert (tmp_path / "engine_decode_profile_smoke.png").stat().st_size > 1000
+    rows = data["rows"]
+    assert rows and all(r["us_per_token"] > 0 and r["launches_per_token"] > 0 for r in rows)
+    assert [r["us_per_token"] for r in rows] == sorted((r["us_per_token"] for r in rows),
+                                                       reverse=True)  # fmt: skip
+    total = sum(r["us_per_token"] for r in rows)
+    assert total == pytest.approx(data["kernel_us_per_token"], rel=1e-9)
+    assert any(r["kernel"] == "aten::mm" or "linear" in r["kernel"] for r in rows)
+    assert data["tokens_per_s"] > 0 and data["wall_us_per_token"] > 0

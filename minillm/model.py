@@ -194,10 +194,7 @@ class CausalLM(nn.Module):
                 continue
             if residual is not None:
                 x, residual = x + residual, None
-            if attn_metadata is None:
-                x = layer(x, cos, sin, self.attn_backend, cache)
-            else:
-                x = layer(x, cos, sin, self.attn_backend, None, attn_metadata)
+            x = layer(x, cos, sin, self.attn_backend, cache, attn_metadata)
         return x, residual
 
     def _final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -84,12 +84,13 @@ class AttentionMetadata:
         -> (N, H, D), every query over its own sequence's keys (causal, `window`); written
         into `out` (N, H, D) when given. `kv_stored`: the caller has stored them already."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        if not kv_stored and self.use_triton:
-            from minillm.kernels.reshape_and_cache import reshape_and_cache
+        if not kv_stored:
+            if self.use_triton:
+                from minillm.kernels.reshape_and_cache import reshape_and_cache
 
-            reshape_and_cache(k, v, k_cache, v_cache, self.slot_mapping, check_bounds=False)
-        elif not kv_stored:
-            reshape_and_cache_ref(k, v, k_cache, v_cache, self.slot_mapping)
+                reshape_and_cache(k, v, k_cache, v_cache, self.slot_mapping, check_bounds=False)
+            else:
+                reshape_and_cache_ref(k, v, k_cache, v_cache, self.slot_mapping)
         out = torch.empty_like(q) if out is None else out
         if self.unified is not None:
             from minillm.kernels.unified_attention import unified_attention

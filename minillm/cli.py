@@ -142,8 +142,9 @@ BENCHMARKS = {
     "engine_throughput": "256 mixed requests: continuous vs static batching vs HF generate",
     "engine_chunked": "time between tokens with and without chunked prefill",
     "engine_speculative": "speculative decoding speed-up with the bundled pair (CPU or GPU)",
+    "engine_host_cost": "the engine's host work per decode step and speculative round",
 }
-DEVICE_BENCHMARKS = ("engine_throughput", "engine_speculative")
+DEVICE_BENCHMARKS = ("engine_throughput", "engine_speculative", "engine_host_cost")
 
 
 def _version(package: str) -> str:

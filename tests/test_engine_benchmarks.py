@@ -67,3 +67,18 @@ def test_decode_profile_smoke(tmp_path):
     assert total == pytest.approx(data["kernel_us_per_token"], rel=1e-9)
     assert any(r["kernel"] == "aten::mm" or "linear" in r["kernel"] for r in rows)
     assert data["tokens_per_s"] > 0 and data["wall_us_per_token"] > 0
+
+
+def test_host_cost_smoke_rounds(tmp_path):
+    """The host-cost benchmark's speculative variants run the round they name: the
+    one-wait round on the device, or the round that waits twice (no device rounds)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine_host_cost", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "engine_host_cost_cpu_smoke.json").read_text())["rows"]
+    assert (tmp_path / "engine_host_cost_cpu_smoke.png").stat().st_size > 1000
+    assert [r["variant"] for r in rows] == ["plain", "round k=2", "two waits k=2"]
+    assert rows[1]["device_rounds"] > 0 and rows[2]["device_rounds"] == 0
+    assert all(r["us_per_step"] > 0 and r["us_per_token"] > 0 for r in rows)

@@ -103,22 +103,27 @@ class CUDAGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def _load(self, rows) -> int:
-        """Write the rows (one token each) and the padding into the static inputs."""
+    def _load(self, rows, extra: tuple = ()) -> tuple[int, list[torch.Tensor]]:
+        """Write the rows (one token each) and the padding into the static inputs; `extra`
+        host arrays travel in the same upload (returned on the device). A row with
+        num_logits == 0 is one the model only catches up on: it writes its K/V in the first
+        step and is padding in the steps after it (its feedback slot is -1)."""
         b = len(rows)
         size = next(s for s in self.sizes if s >= b)
         meta = np.zeros((4, size), dtype=np.int32)
         meta[2], meta[3] = -1, 1
         tables = np.zeros((size, self.max_blocks), dtype=np.int32)
+        valid = np.zeros(size, dtype=bool)
         for i, r in enumerate(rows):
             meta[:, i] = (r.token_ids[0], r.start, r.slots[0], r.start + 1)
             tables[i, : len(r.block_table)] = r.block_table
-        valid = np.arange(size) < b
+            valid[i] = r.num_logits > 0
         dsts = (self.meta[:, :size], self.tables[:size], self.valid[:size])
-        for dst, src in zip(dsts, self.runner._upload([meta, tables, valid]), strict=True):
+        up = self.runner._upload([meta, tables, valid, *extra])
+        for dst, src in zip(dsts, up, strict=False):
             dst.copy_(src)  # one upload, then copies on the device (and dtype casts)
         self.step.zero_()
-        return size
+        return size, up[3:]
 
     def _replay(self, size: int) -> torch.Tensor:
         if not self.capture:
@@ -129,17 +134,25 @@ class CUDAGraphs:
 
     def run(self, rows) -> torch.Tensor:
         """Replay for decode rows (one token each): logits (R, V) of the rows that want them."""
-        size = self._load(rows)
+        size, _ = self._load(rows)
         logits = self._replay(size)[: len(rows)]
         wanted = [i for i, r in enumerate(rows) if r.num_logits]
         return logits if len(wanted) == len(rows) else logits[wanted]
+
+    def run_filled(self, rows, dst: list[int], src: list[int], tokens: torch.Tensor):
+        """`run` for rows whose token ids are not all on the host: row dst[i] takes its id
+        from tokens.flatten()[src[i]], a tensor on the device (another graph's output, e.g.
+        a draft model's guesses), so nothing waits for it. Logits (R, V) of every row."""
+        size, (d, s) = self._load(rows, (dst, src))
+        self.meta[0].index_copy_(0, d, tokens.reshape(-1).index_select(0, s).to(self.meta.dtype))
+        return self._replay(size)[: len(rows)]
 
     def run_steps(self, rows, steps: int) -> torch.Tensor:
         """`steps` greedy decode steps in a row: token ids (steps, B), on the GPU. Each row's
         block table must cover positions start .. start + steps - 1."""
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
-        size = self._load(rows)
+        size, _ = self._load(rows)
         for _ in range(steps):
             self._replay(size)
         return self.steps[:steps, : len(rows)]

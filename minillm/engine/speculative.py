@@ -17,7 +17,10 @@ acceptance rate a that is (1 - a^(k+1)) / (1 - a) tokens on average.
 In the engine, drafts of every decoding sequence run batched: the draft model keeps its own
 paged pool with the same block tables, the k speculative positions of each sequence live in
 scratch slots past the block manager's blocks, and the accepted ones move to the slots the
-block manager gives them (rejected ones are simply never copied).
+block manager gives them (rejected ones are simply never copied). On a GPU, a greedy round
+stays on the device: the draft's k graph replays feed each other's argmax, the target's
+verification graph takes the guesses from the device, and the host waits once, for the
+guesses and the target's argmaxes together (`_round_on_device`).
 """
 
 from __future__ import annotations
@@ -102,6 +105,10 @@ class SpeculativeDecoder:
                 f"target's ({target.model.config.vocab_size}): they must share a tokenizer"
             )
         self.num_rounds = self.num_drafted = self.num_accepted = 0
+        self.num_device_rounds = 0  # greedy rounds with one synchronization
+        # False: greedy graph rounds wait twice (for the drafts, then for the verification),
+        # the round before `_round_on_device` existed; kept to measure the difference.
+        self.device_rounds = True
 
     @staticmethod
     def check_params(params: SamplingParams) -> None:
@@ -167,14 +174,7 @@ class SpeculativeDecoder:
     def _draft_on_graph(self, batch, spec, tables):
         """Greedy drafts with the draft's decode graph: its argmax feeds the next step on the
         GPU (`CUDAGraphs.run_steps`), so k draft tokens cost one synchronization."""
-        bm, pre = self.engine.bm, []
-        for it in batch.decodes:  # every computed token before the speculating ones' last
-            seq, a, n = it.seq, it.seq.num_draft_computed, it.start + 1
-            last = n - 1 if it.num_lookahead else n
-            rows = self._decode_rows(seq, seq.token_ids[a:last], a, bm.block_table(seq.seq_id))
-            for r in rows:
-                r.num_logits = 0
-            pre += rows
+        pre = self._catch_up_rows(batch)
         if pre:
             self.draft.execute(pre, len(pre))
         rows = [BatchRow(it.seq.token_ids[it.start : it.start + 1], it.start, it.slots,
@@ -183,11 +183,73 @@ class SpeculativeDecoder:
         tokens = self.draft.graphs.run_steps(rows, steps).T.tolist()  # (B, steps)
         return {it.seq.seq_id: tokens[i][: it.num_lookahead] for i, it in enumerate(spec)}
 
+    def _catch_up_rows(self, batch) -> list[BatchRow]:
+        """Decode rows (no logits) of the tokens the draft has not computed yet, other than
+        each speculating sequence's last one (which starts its drafts)."""
+        bm, pre = self.engine.bm, []
+        for it in batch.decodes:
+            seq, a, n = it.seq, it.seq.num_draft_computed, it.start + 1
+            last = n - 1 if it.num_lookahead else n
+            rows = self._decode_rows(seq, seq.token_ids[a:last], a, bm.block_table(seq.seq_id))
+            for r in rows:
+                r.num_logits = 0
+            pre += rows
+        return pre
+
+    def _on_device(self, batch, spec) -> bool:
+        """Whether the whole round can stay on the device (`_round_on_device`)."""
+        graphs = self.target.graphs
+        rows = sum(1 + it.num_lookahead for it in batch.decodes)
+        return self.device_rounds and (
+            self._greedy_graph_drafts(batch, spec) and graphs is not None and graphs.fits(rows)
+            and all(it.seq.params.greedy for it in batch.decodes)
+        )  # fmt: skip
+
+    def _round_on_device(self, batch, spec, tables) -> dict[int, list[int]]:
+        """A greedy round with one synchronization: the draft's k graph replays leave their
+        guesses on the device, the target's verification graph reads them from there, and
+        only its argmaxes and the guesses come back, together. The host builds the target's
+        inputs while the GPU runs the draft (vs two waits and an idle GPU in between)."""
+        draft = self.draft.graphs
+        pre = self._catch_up_rows(batch)
+        if pre and not draft.fits(len(pre) + len(spec)):
+            self.draft.execute(pre, len(pre))
+            pre = []
+        rows = pre + [BatchRow(it.seq.token_ids[it.start : it.start + 1], it.start, it.slots,
+                               tables[it.seq.seq_id]) for it in spec]  # fmt: skip
+        steps = max(it.num_lookahead for it in spec)
+        guesses = draft.run_steps(rows, steps)[:, len(pre) :]  # (steps, S), still on the GPU
+        plain = [it for it in batch.decodes if it.num_lookahead == 0]
+        rows, dst, src, at = self.engine.rows(plain), [], [], []
+        for s, it in enumerate(spec):
+            L, first = it.num_lookahead, len(rows)
+            tokens = it.seq.token_ids[it.start : it.start + 1] + [0] * L  # guesses: filled in
+            rows += self._decode_rows(it.seq, tokens, it.start, tables[it.seq.seq_id], False)
+            dst += range(first + 1, first + 1 + L)
+            src += [j * len(spec) + s for j in range(L)]
+            at.append(first)
+        for r in rows:
+            r.num_logits = 1
+        self.target.num_graph_steps += 1
+        self.num_device_rounds += 1
+        logits = self.target.graphs.run_filled(rows, dst, src, guesses)
+        best = greedy_argmax(logits)
+        host = torch.cat([guesses.reshape(-1), best]).tolist()  # the round's one wait
+        guessed, best = host[: guesses.numel()], host[guesses.numel() :]
+        emitted = {it.seq.seq_id: [best[i]] for i, it in enumerate(plain)}
+        for s, (it, first) in enumerate(zip(spec, at, strict=True)):
+            drafts = [guessed[j * len(spec) + s] for j in range(it.num_lookahead)]
+            emitted[it.seq.seq_id] = greedy_verify(drafts, best[first : first + len(drafts) + 1])
+        return emitted
+
     @torch.inference_mode()
     def step(self, batch: SchedulerOutput) -> None:
         eng = self.engine
         spec = [it for it in batch.decodes if it.num_lookahead > 0]
         tables = lookahead_tables(eng, spec)  # block tables + this step's scratch blocks
+        if self._on_device(batch, spec):
+            self._postprocess(batch, self._round_on_device(batch, spec, tables), tables)
+            return
         if self._greedy_graph_drafts(batch, spec):
             drafted, qs = self._draft_on_graph(batch, spec, tables), {}
         else:

@@ -29,6 +29,7 @@ def _specs(quick: bool, dtype: str) -> list[tuple[str, object, dict, dict, objec
         flash_attn,
         flash_attn_bwd,
         gemv,
+        greedy_feedback,
         paged_attention,
         reshape_and_cache,
     )
@@ -70,6 +71,11 @@ def _specs(quick: bool, dtype: str) -> list[tuple[str, object, dict, dict, objec
                   {n: f"*{dtype}" for n in ("Q", "K", "V", "COS", "SIN", "KC", "VC")}
                   | {"slot_mapping": "*i32"},
                   dict(HALF=64, BLOCK_H=32, BLOCK_HKV=8, BLOCK_D=64), None))  # fmt: skip
+    tail_t = {"values": f"*{dtype}", "within": "*i64", "steps": "*i64", "step": "*i64",
+              "meta": "*i32", "tables": "*i32", "valid": "*u8"}  # fmt: skip
+    tail_ce = dict(CHUNK=1024, PAGE=16, MAX_STEPS=16, BLOCK_R=16, BLOCK_B=128)
+    specs.append(("greedy_feedback_kernel", greedy_feedback.greedy_feedback_kernel, tail_t,
+                  tail_ce, None))  # fmt: skip
     gemv_t = {n: f"*{dtype}" for n in "XWBY"} | {"N": "i32:16", "K": "i32:16"}
     gemv_cases = [(False, False, 3072, 2048), (True, False, 2048, 8192)]  # qkv, down 1B
     if not quick:  # Qwen2's qkv bias; BLOCK_N 8 (gate_up 1B)

@@ -172,16 +172,17 @@ def test_stream_yields_the_text_of_generate(model):
     assert all(d.finish_reason is None for d in deltas[:-1])
 
 
-@pytest.mark.parametrize("steps", [1, 5])
-def test_static_decode_buffers_and_multi_step(model, workload, steps):
+@pytest.mark.parametrize("steps, fused", [(1, False), (5, False), (5, True)])
+def test_static_decode_buffers_and_multi_step(model, workload, steps, fused):
     """The CUDA-graph decode path (static buffers, greedy feedback, lookahead blocks) run
     eagerly on the CPU: the same tokens, with S steps per engine step, through
-    preemptions."""
+    preemptions; `fused`: the graphs' tail is the Triton kernel (interpreted), as on a GPU."""
     reqs, refs = workload
     config = EngineConfig(block_size=8, max_num_seqs=16, num_kv_blocks=40, max_model_len=200,
                           num_scheduler_steps=steps)  # fmt: skip
     engine = LLMEngine(model, config=config)
     engine.enable_decode_graphs(capture=False)
+    engine.runner.graphs.fused_feedback = fused
     llm = LLM.from_engine(engine)
     outs = llm.generate([p for p, _ in reqs[:40]], [q for _, q in reqs[:40]])
     for i, (out, ref) in enumerate(zip(outs, refs[:40], strict=False)):

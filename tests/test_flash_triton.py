@@ -212,7 +212,7 @@ def test_kernels_compile_for_hopper_without_spills():
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("ok")]
-    assert len(lines) == 10, out.stdout
+    assert len(lines) == 11, out.stdout
     spills = [line for line in lines if "bytes spilled" in line and " 0 bytes spilled" not in line]
     assert not spills, spills
 

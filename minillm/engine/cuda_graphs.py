@@ -15,20 +15,23 @@ bounds checks are off (the scheduler built the tables).
 
 Each graph also ends with the greedy choice and its feedback: the argmax becomes the next
 step's token id, positions and context lengths advance, and the slot of the next position
-is looked up in the block table, all on the GPU. Replaying the graph S times then decodes
-S greedy tokens without the CPU (`run_steps`: vLLM's multi-step scheduling), provided the
-block tables reach S - 1 positions further (the engine's lookahead blocks).
+is looked up in the block table, all on the GPU (one Triton kernel after the argmax's
+first pass, `minillm.kernels.greedy_feedback`, where PyTorch takes twenty small ones).
+Replaying the graph S times then decodes S greedy tokens without the CPU (`run_steps`:
+vLLM's multi-step scheduling), provided the block tables reach S - 1 positions further
+(the engine's lookahead blocks).
 """
 
 from __future__ import annotations
 
 import gc
+import warnings
 
 import numpy as np
 import torch
 
+from minillm.kernels.greedy_feedback import greedy_feedback, greedy_feedback_ref
 from minillm.layers.attention_metadata import AttentionMetadata
-from minillm.sampling import greedy_argmax
 
 MAX_STEPS = 16
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
@@ -50,9 +53,12 @@ class CUDAGraphs:
         self.steps = torch.zeros(MAX_STEPS, n, dtype=torch.int64, device=device)  # argmaxes
         self.step = torch.zeros(1, dtype=torch.int64, device=device)  # replays so far
         self.block_size = runner.block_size
+        self.last_argmax: torch.Tensor | None = None  # greedy tokens of the last `run`
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture = capture  # False: run the same static-buffer steps eagerly (tests, CPU)
+        # the graph's tail as one Triton kernel (`minillm.kernels.greedy_feedback`)
+        self.fused_feedback = runner.use_triton and device.type == "cuda"
         if capture:
             self._capture()
 
@@ -64,16 +70,11 @@ class CUDAGraphs:
             max_decode_context=self.runner.max_model_len, use_triton=self.runner.use_triton,
         )  # fmt: skip
         logits = self.model(ids, pos, attn_metadata=md, check_inputs=False)  # (size, V)
-        best = greedy_argmax(logits)  # (size,): the greedy token, fed back for the next step
-        self.steps[:, :size].index_copy_(0, self.step, best[None])
-        self.step.add_(1).remainder_(MAX_STEPS)  # in range, whatever replays the graph
-        ids.copy_(best)
-        pos.add_(1)
-        lens.add_(1)
-        bs = self.block_size
-        index = (pos // bs).long().clamp(max=self.max_blocks - 1)  # past the end: unused
-        block = self.tables[:size].gather(1, index[:, None])[:, 0]  # (size,)
-        slots.copy_(torch.where(self.valid[:size], block * bs + pos % bs, -1))
+        # The greedy token of each row becomes its next input; positions, lengths and
+        # slots advance (past the table's end: unused); the replay counter stays in range
+        # whatever replays the graph. One kernel on the GPU, twenty small ones in PyTorch.
+        tail = greedy_feedback if self.fused_feedback else greedy_feedback_ref
+        tail(logits, self.steps, self.step, self.meta, self.tables, self.valid, self.block_size)
         return logits
 
     @torch.inference_mode()
@@ -91,7 +92,16 @@ class CUDAGraphs:
         pool = None
         for size in reversed(self.sizes):  # largest first: the others reuse its memory
             self.step.zero_()
-            self._forward(size)  # warm-up outside the graph: autotuning, lazy init
+            try:
+                self._forward(size)  # warm-up outside the graph: autotuning, lazy init
+            except Exception as e:  # the kernel does not compile here: keep the PyTorch tail
+                if not self.fused_feedback:
+                    raise
+                msg = f"greedy_feedback kernel failed ({type(e).__name__}: {e}); the decode "
+                warnings.warn(msg + "graphs end with the PyTorch ops instead", stacklevel=2)
+                self.fused_feedback = False
+                self.step.zero_()
+                self._forward(size)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -133,19 +143,27 @@ class CUDAGraphs:
         return self.outputs[size]
 
     def run(self, rows) -> torch.Tensor:
-        """Replay for decode rows (one token each): logits (R, V) of the rows that want them."""
+        """Replay for decode rows (one token each): logits (R, V) of the rows that want them.
+        Their greedy tokens, which the graph computed anyway, are left in `last_argmax`."""
         size, _ = self._load(rows)
         logits = self._replay(size)[: len(rows)]
+        best = self.steps[0, : len(rows)]  # the replay after `_load` records in row 0
         wanted = [i for i, r in enumerate(rows) if r.num_logits]
-        return logits if len(wanted) == len(rows) else logits[wanted]
+        if len(wanted) == len(rows):
+            self.last_argmax = best
+            return logits
+        self.last_argmax = best[wanted]
+        return logits[wanted]
 
     def run_filled(self, rows, dst: list[int], src: list[int], tokens: torch.Tensor):
         """`run` for rows whose token ids are not all on the host: row dst[i] takes its id
         from tokens.flatten()[src[i]], a tensor on the device (another graph's output, e.g.
-        a draft model's guesses), so nothing waits for it. Logits (R, V) of every row."""
+        a draft model's guesses), so nothing waits for it. The greedy token of every row
+        (R,), on the device."""
         size, (d, s) = self._load(rows, (dst, src))
         self.meta[0].index_copy_(0, d, tokens.reshape(-1).index_select(0, s).to(self.meta.dtype))
-        return self._replay(size)[: len(rows)]
+        self._replay(size)
+        return self.steps[0, : len(rows)]
 
     def run_steps(self, rows, steps: int) -> torch.Tensor:
         """`steps` greedy decode steps in a row: token ids (steps, B), on the GPU. Each row's

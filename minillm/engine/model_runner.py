@@ -64,6 +64,9 @@ class ModelRunner:
         self.full = None  # a FullGraphs, set by `capture_full_graphs`
         self.num_graph_steps = self.num_piecewise_steps = self.num_eager_steps = 0
         self.num_full_steps = 0
+        # the greedy tokens of the last `execute`'s rows when a decode graph computed them
+        # (its tail takes the argmax for the next step anyway): sampling need not redo it
+        self.graph_argmax: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None  # pinned host buffer of `_upload`
         self._staged: torch.cuda.Event | None = None  # its last copy
 
@@ -162,9 +165,12 @@ class ModelRunner:
         `num_decodes` rows must be decodes: one token, in the slot its block table gives."""
         if not rows:
             raise ValueError("an empty batch")
+        self.graph_argmax = None
         if self.graphs is not None and num_decodes == len(rows) and self.graphs.fits(len(rows)):
             self.num_graph_steps += 1
-            return self.graphs.run(rows)
+            logits = self.graphs.run(rows)
+            self.graph_argmax = self.graphs.last_argmax
+            return logits
         ids, positions, slots = [], [], []
         logits_rows, offset = [], 0
         for r in rows:

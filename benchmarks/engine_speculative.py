@@ -21,6 +21,7 @@ whether every token equals the target's.
     python -m benchmarks.engine_speculative                 # GPU if present, else CPU
     python -m benchmarks.engine_speculative --device cpu
     python -m benchmarks.engine_speculative --smoke         # seconds
+    python -m benchmarks.engine_speculative --draft DIR --tag _kd   # another draft
 """
 
 from __future__ import annotations
@@ -53,7 +54,14 @@ def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams):
     return [o.outputs[0].token_ids for o in outs], time.perf_counter() - t0
 
 
-def run(device: str, smoke: bool, out_dir: Path | None, progress=print) -> Path:
+def run(
+    device: str,
+    smoke: bool,
+    out_dir: Path | None,
+    progress=print,
+    draft: str = "minillm-tiny-draft",
+    tag: str = "",
+) -> Path:
     s = SETTINGS["smoke" if smoke else device]
     tok = load_tokenizer("minillm-tiny")
     prompts = [
@@ -71,7 +79,7 @@ def run(device: str, smoke: bool, out_dir: Path | None, progress=print) -> Path:
     free_memory()
 
     def measure(k: int, device_rounds: bool = True) -> dict:
-        llm = LLM("minillm-tiny", draft_model="minillm-tiny-draft", num_speculative_tokens=k,
+        llm = LLM("minillm-tiny", draft_model=draft, num_speculative_tokens=k,
                   **common)  # fmt: skip
         llm.engine.spec.device_rounds = device_rounds
         got, t = timed(llm, prompts, params)
@@ -99,9 +107,9 @@ def run(device: str, smoke: bool, out_dir: Path | None, progress=print) -> Path:
                     identical_tokens=all(r["identical_tokens"] for r in rows[1:]),
                     target_speedup=1.8, met=best["speedup"] >= 1.8,
                     two_waits_speedup=two_waits and two_waits["speedup"])  # fmt: skip
-    data = dict(device_kind=device, target="minillm-tiny", draft="minillm-tiny-draft",
+    data = dict(device_kind=device, target="minillm-tiny", draft=str(draft),
                 settings=s, headline=headline, rows=rows, two_waits=two_waits)  # fmt: skip
-    name = f"engine_speculative_{device}" + ("_smoke" if smoke else "")
+    name = f"engine_speculative_{device}{tag}" + ("_smoke" if smoke else "")
     return save_result(name, data, plot(rows, device), out_dir)
 
 
@@ -134,13 +142,19 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--smoke", action="store_true", help="a seconds-long CPU run")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument(
+        "--draft",
+        default="minillm-tiny-draft",
+        help="the draft model: a name or a folder (default: the bundled one)",
+    )
+    parser.add_argument("--tag", default="", help="appended to the result's name")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    return run(device, args.smoke, args.out)
+    return run(device, args.smoke, args.out, draft=args.draft, tag=args.tag)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
         device=args.device,
+        teacher=args.teacher,
+        distill=args.distill,
+        init=args.init,
     )
     data = Path(args.data)
     if not data.exists():
@@ -280,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
+    t.add_argument("--teacher", default=None, help="distill from this model (same tokenizer)")
+    t.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of KL(teacher || student) in the loss, 0..1 (needs --teacher)",
+    )
+    t.add_argument("--init", default=None, help="start from this model's weights (same shape)")
     t.set_defaults(func=cmd_train)
     return parser
 

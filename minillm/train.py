@@ -84,6 +84,12 @@ class TrainConfig:
     vocab_size: int = 4096
     seed: int = 0
     device: str = "auto"
+    # Distillation (a draft for speculative decoding): the loss is
+    # (1 - distill) * cross-entropy + distill * KL(teacher || student) per token, so the
+    # student learns the teacher's whole next-token distribution, not only the data's token.
+    teacher: str | None = None  # a model name or folder, sharing the tokenizer
+    distill: float = 0.0
+    init: str | None = None  # start from this model's weights (same shape), not at random
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens", "vocab_size"):
@@ -95,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill must lie in [0, 1], got {self.distill}")
+        if self.distill > 0 and self.teacher is None:
+            raise ValueError("distill > 0 needs a teacher model")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -117,6 +127,37 @@ def random_batch(
     idx = starts[:, None] + torch.arange(seq_len + 1, device=tokens.device)  # (B, T+1)
     windows = tokens[idx]
     return windows[:, :-1], windows[:, 1:]
+
+
+def distill_loss(logits: torch.Tensor, teacher: CausalLM, x: torch.Tensor, autocast):
+    """Mean over tokens of KL(teacher || student) between next-token distributions."""
+    with torch.no_grad(), autocast():
+        target = teacher(x, check_inputs=False)
+    V = logits.shape[-1]
+    return F.kl_div(
+        F.log_softmax(logits.float().reshape(-1, V), dim=-1),
+        F.log_softmax(target.float().reshape(-1, V), dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+@torch.no_grad()
+def greedy_agreement(
+    model: CausalLM, teacher: CausalLM, tokens: np.ndarray, seq_len: int, max_tokens: int
+) -> float:
+    """How often the two models' greedy next tokens agree over windows of `tokens` (the
+    first `max_tokens`): a speculative draft's acceptance rate at temperature 0, per token."""
+    device = next(model.parameters()).device
+    t = torch.as_tensor(tokens[:max_tokens].astype(np.int64), device=device)
+    n = len(t) // seq_len
+    same = total = 0
+    for batch in t[: n * seq_len].view(n, seq_len).split(8):
+        a = model(batch, check_inputs=False).argmax(-1)
+        b = teacher(batch, check_inputs=False).argmax(-1)
+        same += int((a == b).sum())
+        total += a.numel()
+    return same / max(1, total)
 
 
 @torch.no_grad()
@@ -199,6 +240,21 @@ def train(
     val_tokens = torch.as_tensor(splits["val"][: cfg.eval_tokens].astype(np.int64), device=device)
 
     model = CausalLM(model_config).to(device).train()
+    if cfg.init is not None:
+        start = load_model(cfg.init, dtype=torch.float32, device=device)
+        if start.config.to_hf_dict() != model_config.to_hf_dict():
+            raise ValueError(f"init model {cfg.init!r} has another shape than {cfg.preset}")
+        model.load_state_dict(start.state_dict())
+        del start
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = load_model(cfg.teacher, dtype=torch.float32, device=device).eval()
+        teacher.requires_grad_(False)
+        if teacher.config.vocab_size != model_config.vocab_size:
+            raise ValueError(
+                f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
+                f"student's ({model_config.vocab_size}): they must share a tokenizer"
+            )
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -223,6 +279,9 @@ def train(
         with autocast():
             logits = model(x, check_inputs=False)  # (B, T, V)
         loss = F.cross_entropy(logits.float().transpose(1, 2), y)
+        if teacher is not None and cfg.distill > 0:
+            kl = distill_loss(logits, teacher, x, autocast)
+            loss = (1 - cfg.distill) * loss + cfg.distill * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -261,6 +320,12 @@ def train(
         "torch": torch.__version__,
     }
     card.update(evaluate_card(out, data_dir, splits, device))
+    if teacher is not None:
+        shipped = load_model(out, dtype=torch.float32, device=device).eval()
+        T = model_config.max_position_embeddings
+        card["teacher_agreement"] = greedy_agreement(
+            shipped, teacher, splits["heldout"], T, AGREEMENT_TOKENS
+        )
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "README.md").write_text(render_card(card))
     return card
@@ -268,6 +333,7 @@ def train(
 
 # Perplexity on the first CI_EVAL_TOKENS held-out tokens is cheap enough for every CI run.
 CI_EVAL_TOKENS = 32768
+AGREEMENT_TOKENS = 65536  # held-out tokens over which a distilled model's agreement is measured
 
 
 def evaluate_card(
@@ -294,6 +360,15 @@ def evaluate_card(
 def render_card(card: dict) -> str:
     c = card["config"]
     t = card["train"]
+    distilled = ""
+    if t.get("teacher"):
+        distilled = (
+            f"| distilled from | {t['teacher']} (loss weight {t['distill']} on KL(teacher "
+            f"\\|\\| student)); greedy agreement with it {card['teacher_agreement']:.1%} of "
+            f"held-out tokens |\n"
+        )
+    if t.get("init"):
+        distilled += f"| initialized from | {t['init']} |\n"
     return f"""# {card["name"]}
 
 A tiny Llama-architecture model trained from scratch by `minillm train` (see
@@ -314,7 +389,7 @@ MLP {c["intermediate_size"]}, vocab {c["vocab_size"]}, context {c["max_position_
 | unigram baseline | {card["unigram_perplexity"]:.1f} on the same tokens |
 | trained on | {card["device"]}, torch {card["torch"]}, {card["train_seconds"]} s, \
 seed {t["seed"]} |
-
+{distilled}
 ## Data
 The `.py` files of the Python standard library (PSF license; notice in
 `minillm/assets/data/LICENSE-PSF.txt`), split by a hash of each file's path into

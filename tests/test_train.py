@@ -1,6 +1,7 @@
 """Training from scratch, on a small corpus: the loss falls, runs are reproducible, and
 the output folder is a complete model (weights, tokenizer, card, loss curve)."""
 
+import contextlib
 import hashlib
 import json
 
@@ -128,3 +129,69 @@ def test_seq_len_beyond_context(corpus, tmp_path):
     cfg = TrainConfig(steps=1, seq_len=64, device="cpu", vocab_size=300)
     with pytest.raises(ValueError, match="exceeds the context"):
         train(cfg, corpus, tmp_path / "x", progress=False, model_config=MICRO)
+
+
+def distill_config(**kw):
+    base = dict(steps=40, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=5, eval_every=10,
+                eval_tokens=2000, vocab_size=300, device="cpu")  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def teacher(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    run_training(corpus, out)
+    return out
+
+
+def test_distillation_pulls_the_student_to_the_teacher(corpus, teacher, tmp_path):
+    """A one-layer student distilled from the two-layer teacher (distill=1: the teacher's
+    distributions are the only signal) ends much closer to it in KL than it started, and its
+    card reports its greedy agreement with the teacher, as measured here."""
+    import numpy as np
+    import torch
+
+    from minillm.data import load_tokens
+    from minillm.train import distill_loss, greedy_agreement
+
+    small = MICRO.replace(num_hidden_layers=1)
+    card = train(distill_config(teacher=str(teacher), distill=1.0), corpus, tmp_path / "s",
+                 tokenizer_dir=teacher, progress=False, model_config=small)  # fmt: skip
+    student, t = minillm.load_model(tmp_path / "s"), minillm.load_model(teacher)
+    torch.manual_seed(0)
+    fresh = minillm.CausalLM(student.config)
+    tok = minillm.load_tokenizer(teacher)
+    held = load_tokens(corpus, "heldout", tok)
+    x = torch.as_tensor(held[: 4 * 32].astype(np.int64)).view(4, 32)
+    with torch.no_grad():
+        before = float(distill_loss(fresh(x), t, x, contextlib.nullcontext))
+        after = float(distill_loss(student(x), t, x, contextlib.nullcontext))
+    assert after < 0.5 * before
+    assert card["teacher_agreement"] == pytest.approx(
+        greedy_agreement(student, t, held, 32, 65536), abs=1e-9
+    )
+    assert 0 < card["teacher_agreement"] <= 1
+    assert "distilled from" in (tmp_path / "s" / "README.md").read_text()
+
+
+def test_init_starts_from_the_given_weights(corpus, teacher, tmp_path):
+    """Initialized from the teacher and trained with a vanishing learning rate, the student
+    is the teacher: it agrees on every greedy token."""
+    cfg = distill_config(teacher=str(teacher), distill=0.5, init=str(teacher), steps=2, lr=1e-9,
+                         warmup_steps=0)  # fmt: skip
+    card = train(cfg, corpus, tmp_path / "s", tokenizer_dir=teacher, progress=False,
+                 model_config=MICRO)  # fmt: skip
+    assert card["teacher_agreement"] > 0.99
+    with pytest.raises(ValueError, match="another shape"):
+        train(distill_config(init=str(teacher), steps=1), corpus, tmp_path / "x",
+              tokenizer_dir=teacher, progress=False,
+              model_config=MICRO.replace(num_hidden_layers=1))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(distill=0.5), "needs a teacher"), (dict(distill=1.5, teacher="t"), r"\[0, 1\]")],
+)
+def test_distill_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)

@@ -166,6 +166,8 @@ def test_cuda_graphs_replay_the_eager_steps(fuse):
             continue
         outs[graphs, steps] = got
         assert (runner.num_graph_steps > 0) == graphs
+        if graphs:  # the graphs' tail is the Triton kernel (it did not fall back)
+            assert runner.graphs.fused_feedback
         assert (runner.num_full_steps > 0) == graphs  # the prefill steps
         assert runner.num_piecewise_steps == 0
         assert (runner.num_eager_steps == 0) == graphs
@@ -187,6 +189,12 @@ def test_speculative_greedy_on_the_gpu_equals_the_target():
     b = [o.outputs[0].token_ids for o in spec.generate(prompts, params)]
     assert a == b and spec.engine.spec.num_accepted > 0
     assert spec.engine.runner.num_graph_steps > 0
+    assert spec.engine.spec.num_device_rounds > 0  # one wait per round
+    assert all(r.graphs.fused_feedback for r in spec.engine.runners)
+    spec.engine.spec.device_rounds = False  # the round that waits twice: the same tokens
+    rounds = spec.engine.spec.num_device_rounds
+    c = [o.outputs[0].token_ids for o in spec.generate(prompts, params)]
+    assert c == a and spec.engine.spec.num_device_rounds == rounds
 
 
 @pytest.mark.parametrize("window", [None, 5])

@@ -72,7 +72,7 @@ def _specs(quick: bool, dtype: str) -> list[tuple[str, object, dict, dict, objec
                   | {"slot_mapping": "*i32"},
                   dict(HALF=64, BLOCK_H=32, BLOCK_HKV=8, BLOCK_D=64), None))  # fmt: skip
     tail_t = {"values": f"*{dtype}", "within": "*i64", "steps": "*i64", "step": "*i64",
-              "meta": "*i32", "tables": "*i32", "valid": "*u8"}  # fmt: skip
+              "meta": "*i32", "tables": "*i32", "valid": "*i32"}  # fmt: skip
     tail_ce = dict(CHUNK=1024, PAGE=16, MAX_STEPS=16, BLOCK_R=16, BLOCK_B=128)
     specs.append(("greedy_feedback_kernel", greedy_feedback.greedy_feedback_kernel, tail_t,
                   tail_ce, None))  # fmt: skip

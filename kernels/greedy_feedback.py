@@ -154,4 +154,4 @@ def greedy_feedback_ref(
     lens.add_(1)
     index = (pos // page).long().clamp(max=tables.shape[1] - 1)
     block = tables[:B].gather(1, index[:, None])[:, 0]
-    slots.copy_(torch.where(valid[:B], block * page + pos % page, -1))
+    slots.copy_(torch.where(valid[:B] != 0, block * page + pos % page, -1))

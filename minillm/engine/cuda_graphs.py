@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import warnings
 
-import numpy as np
 import torch
 
 from minillm.kernels.greedy_feedback import greedy_feedback, greedy_feedback_ref
@@ -45,11 +44,21 @@ class CUDAGraphs:
         self.sizes = [s for s in BATCH_SIZES if s < max_batch] + [max_batch]
         device, n = runner.device, self.sizes[-1]
         self.max_blocks = max_blocks
-        self.meta = torch.zeros(4, n, dtype=torch.int32, device=device)  # ids, pos, slot, len
-        self.meta[2].fill_(-1)  # padding rows store nothing
-        self.meta[3].fill_(1)  # ... and attend to one key
-        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.valid = torch.zeros(n, dtype=torch.bool, device=device)  # False: padding row
+        # The static inputs live in one int32 "inbox" (and its pinned host mirror), so a
+        # step's inputs arrive in one copy: [ids, pos, slot, len] (4, n) | valid (n,) (0: a
+        # padding row) | block tables (n, max_blocks).
+        total = 5 * n + n * max_blocks
+        self.inbox = torch.zeros(total, dtype=torch.int32, device=device)
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._copied: torch.cuda.Event | None = None  # the last copy out of `host`
+        self.meta = self.inbox[: 4 * n].view(4, n)  # ids, pos, slot, len
+        self.valid = self.inbox[4 * n : 5 * n]
+        self.tables = self.inbox[5 * n :].view(n, max_blocks)
+        h = self.host.numpy()
+        self._h_meta, self._h_valid = h[: 4 * n].reshape(4, n), h[4 * n : 5 * n]
+        self._h_tables = h[5 * n :].reshape(n, max_blocks)
+        self._h_meta[2], self._h_meta[3] = -1, 1  # padding rows store nothing, see one key
+        self.inbox.copy_(self.host)
         self.steps = torch.zeros(MAX_STEPS, n, dtype=torch.int64, device=device)  # argmaxes
         self.step = torch.zeros(1, dtype=torch.int64, device=device)  # replays so far
         self.block_size = runner.block_size
@@ -114,26 +123,33 @@ class CUDAGraphs:
         return batch <= self.sizes[-1]
 
     def _load(self, rows, extra: tuple = ()) -> tuple[int, list[torch.Tensor]]:
-        """Write the rows (one token each) and the padding into the static inputs; `extra`
-        host arrays travel in the same upload (returned on the device). A row with
+        """Write the rows (one token each) and the padding into the static inputs, in one
+        copy; `extra` host arrays are uploaded too (returned on the device). A row with
         num_logits == 0 is one the model only catches up on: it writes its K/V in the first
         step and is padding in the steps after it (its feedback slot is -1)."""
         b = len(rows)
         size = next(s for s in self.sizes if s >= b)
-        meta = np.zeros((4, size), dtype=np.int32)
-        meta[2], meta[3] = -1, 1
-        tables = np.zeros((size, self.max_blocks), dtype=np.int32)
-        valid = np.zeros(size, dtype=bool)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has left the host mirror
+        m, tables = self._h_meta, self._h_tables
+        m[0, :size], m[1, :size], m[2, :size], m[3, :size] = 0, 0, -1, 1  # padding rows
+        starts = [r.start for r in rows]
+        m[0, :b] = [r.token_ids[0] for r in rows]
+        m[1, :b] = starts
+        m[2, :b] = [r.slots[0] for r in rows]
+        m[3, :b] = [p + 1 for p in starts]
+        self._h_valid[:size] = 0
+        self._h_valid[:b] = [r.num_logits > 0 for r in rows]
+        tables[:size] = 0
         for i, r in enumerate(rows):
-            meta[:, i] = (r.token_ids[0], r.start, r.slots[0], r.start + 1)
             tables[i, : len(r.block_table)] = r.block_table
-            valid[i] = r.num_logits > 0
-        dsts = (self.meta[:, :size], self.tables[:size], self.valid[:size])
-        up = self.runner._upload([meta, tables, valid, *extra])
-        for dst, src in zip(dsts, up, strict=False):
-            dst.copy_(src)  # one upload, then copies on the device (and dtype casts)
+        n = 5 * self.sizes[-1] + size * self.max_blocks  # the rows of `size` only
+        self.inbox[:n].copy_(self.host[:n], non_blocking=True)
+        if self.inbox.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.step.zero_()
-        return size, up[3:]
+        return size, (self.runner._upload(list(extra)) if extra else [])
 
     def _replay(self, size: int) -> torch.Tensor:
         if not self.capture:

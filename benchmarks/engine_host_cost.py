@@ -134,12 +134,10 @@ def run(device: str, smoke: bool, out_dir: Path | None, progress=print) -> Path:
         progress(f"{name:14s} {us:8.1f} us/step  {row['us_per_token']:7.1f} us/token  "
                  f"x{row['steps_vs_plain']:.2f} a plain step")  # fmt: skip
     best = min(rows[1:], key=lambda r: r["us_per_token"])
+    us = {r["variant"]: r["us_per_step"] for r in rows}
     headline = dict(plain_us_per_step=base * 1e6, best=best["variant"],
                     best_us_per_token=best["us_per_token"],
-                    round_vs_two_waits={f"k={k}": next(r for r in rows if r["variant"] ==
-                                                       f"round k={k}")["us_per_step"]
-                                        / next(r for r in rows if r["variant"] ==
-                                               f"two waits k={k}")["us_per_step"]
+                    round_vs_two_waits={f"k={k}": us[f"round k={k}"] / us[f"two waits k={k}"]
                                         for k in s["ks"]})  # fmt: skip
     data = dict(device_kind=device, target="minillm-tiny", draft="minillm-tiny-draft",
                 settings=s, headline=headline, rows=rows)  # fmt: skip

@@ -11,7 +11,7 @@ bytes and costs ~2 us on an H100 even inside a graph: ~40 us a replay, as much a
 layer of the bundled target model. This kernel does all of it in one launch.
 
 Pseudo-code, one program; `values`, `within` (B, NB) are the first pass's block maxima and
-their positions (`logits.view(B, NB, CHUNK).max(-1)`):
+their positions (`minillm.sampling.block_maxima`):
 
     s = step[0]                                          (the replay counter)
     for each block of rows r:
@@ -29,6 +29,8 @@ kernel and the twin leave the same state (under the interpreter on a CPU, and on
 from __future__ import annotations
 
 import torch
+
+from minillm.sampling import ARGMAX_CHUNK, block_maxima, greedy_argmax
 
 try:
     import triton
@@ -75,16 +77,6 @@ if triton is not None:
         tl.store(step, (s + 1) % MAX_STEPS)
 
 
-def first_pass(logits: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block maxima of each row and where they sit: (B, NB) each, NB = ceil(V / chunk)
-    (`minillm.sampling.argmax_two_pass`'s first pass; a short last block is padded)."""
-    B, V = logits.shape
-    nb = -(-V // chunk)
-    if nb * chunk != V:
-        logits = torch.nn.functional.pad(logits, (0, nb * chunk - V), value=float("-inf"))
-    return logits.reshape(B, nb, chunk).max(dim=-1)
-
-
 def _check(values, within, steps, step, meta, tables, valid):
     B = values.shape[0]
     if values.shape != within.shape or values.dim() != 2:
@@ -110,7 +102,7 @@ def greedy_feedback(
     tables: torch.Tensor,
     valid: torch.Tensor,
     page: int,
-    chunk: int = 1024,
+    chunk: int = ARGMAX_CHUNK,
 ) -> None:
     """The greedy token of each row of logits (B, V) and the next decode step's inputs, in
     place (see the module docstring): steps[step] and meta's token ids get the argmax,
@@ -119,7 +111,7 @@ def greedy_feedback(
     positions, slots and context lengths, rows 0..B-1 in use."""
     if triton is None:
         raise RuntimeError("triton is not installed: use greedy_feedback_ref")
-    values, within = first_pass(logits, chunk)
+    values, within = block_maxima(logits, chunk)
     _check(values, within, steps, step, meta, tables, valid)
     B, NB = values.shape
     valid_i = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
@@ -142,8 +134,6 @@ def greedy_feedback_ref(
     page: int,
 ) -> None:
     """`greedy_feedback` in PyTorch (the twenty kernels it replaces on a GPU)."""
-    from minillm.sampling import greedy_argmax
-
     B = logits.shape[0]
     ids, pos, slots, lens = meta[:, :B]
     best = greedy_argmax(logits)  # (B,)

@@ -289,15 +289,21 @@ def greedy_argmax(logits: torch.Tensor, chunk: int = ARGMAX_CHUNK) -> torch.Tens
     return argmax_two_pass(logits, chunk)
 
 
-def argmax_two_pass(logits: torch.Tensor, chunk: int) -> torch.Tensor:
-    """`greedy_argmax`'s two passes on any device: (B, V) -> (B,) int64."""
+def block_maxima(logits: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`greedy_argmax`'s first pass: the maximum of each block of `chunk` columns of logits
+    (B, V) and its index within the block, (B, ceil(V / chunk)) each."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
     B, V = logits.shape
     blocks = -(-V // chunk)
     if blocks * chunk != V:  # pad the last block with -inf: never a maximum before a real one
         logits = torch.nn.functional.pad(logits, (0, blocks * chunk - V), value=float("-inf"))
-    values, within = logits.reshape(B, blocks, chunk).max(dim=-1)  # (B, blocks)
+    return logits.reshape(B, blocks, chunk).max(dim=-1)
+
+
+def argmax_two_pass(logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`greedy_argmax`'s two passes on any device: (B, V) -> (B,) int64."""
+    values, within = block_maxima(logits, chunk)  # (B, blocks)
     block = values.argmax(dim=-1, keepdim=True)  # the first block holding the maximum
     return within.gather(-1, block)[:, 0] + block[:, 0] * chunk
 

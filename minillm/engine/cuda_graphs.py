@@ -62,7 +62,6 @@ class CUDAGraphs:
         self.steps = torch.zeros(MAX_STEPS, n, dtype=torch.int64, device=device)  # argmaxes
         self.step = torch.zeros(1, dtype=torch.int64, device=device)  # replays so far
         self.block_size = runner.block_size
-        self.last_argmax: torch.Tensor | None = None  # greedy tokens of the last `run`
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture = capture  # False: run the same static-buffer steps eagerly (tests, CPU)
@@ -158,18 +157,16 @@ class CUDAGraphs:
             self.graphs[size].replay()
         return self.outputs[size]
 
-    def run(self, rows) -> torch.Tensor:
-        """Replay for decode rows (one token each): logits (R, V) of the rows that want them.
-        Their greedy tokens, which the graph computed anyway, are left in `last_argmax`."""
+    def run(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay for decode rows (one token each): logits (R, V) of the rows that want them,
+        and their greedy tokens (R,), which the graph computed anyway."""
         size, _ = self._load(rows)
         logits = self._replay(size)[: len(rows)]
         best = self.steps[0, : len(rows)]  # the replay after `_load` records in row 0
         wanted = [i for i, r in enumerate(rows) if r.num_logits]
         if len(wanted) == len(rows):
-            self.last_argmax = best
-            return logits
-        self.last_argmax = best[wanted]
-        return logits[wanted]
+            return logits, best
+        return logits[wanted], best[wanted]
 
     def run_filled(self, rows, dst: list[int], src: list[int], tokens: torch.Tensor):
         """`run` for rows whose token ids are not all on the host: row dst[i] takes its id

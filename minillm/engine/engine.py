@@ -245,15 +245,8 @@ class LLMEngine:
             return
         logits = self.runner.execute(self.rows(batch.scheduled), len(batch.decodes))
         sampled = [item for item in batch.scheduled if item.samples]
-        seqs = [i.seq for i in sampled]
-        greedy = self.runner.graph_argmax
-        if (
-            sampled and greedy is not None and len(greedy) == len(sampled)
-            and all(s.params.greedy and not s.params.has_penalties for s in seqs)
-        ):  # fmt: skip
-            tokens = greedy.tolist()  # the decode graph's own argmax: the same first index
-        else:
-            tokens = sample_tokens(logits, seqs).tolist() if sampled else []
+        seqs, argmax = [i.seq for i in sampled], self.runner.graph_argmax
+        tokens = sample_tokens(logits, seqs, argmax).tolist() if sampled else []
         now = time.perf_counter()
         for item in batch.scheduled:
             item.seq.num_computed_tokens += item.num_tokens

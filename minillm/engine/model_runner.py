@@ -168,8 +168,7 @@ class ModelRunner:
         self.graph_argmax = None
         if self.graphs is not None and num_decodes == len(rows) and self.graphs.fits(len(rows)):
             self.num_graph_steps += 1
-            logits = self.graphs.run(rows)
-            self.graph_argmax = self.graphs.last_argmax
+            logits, self.graph_argmax = self.graphs.run(rows)
             return logits
         ids, positions, slots = [], [], []
         logits_rows, offset = [], 0

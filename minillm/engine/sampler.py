@@ -31,10 +31,13 @@ def sampling_metadata(
     )
 
 
-def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """One token per row of logits (B, V), row i with seqs[i]'s parameters -> (B,)."""
+def sample_tokens(
+    logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One token per row of logits (B, V), row i with seqs[i]'s parameters -> (B,).
+    `argmax`: the rows' greedy tokens when already known (a decode graph computes them)."""
     if all(s.params.greedy and not s.params.has_penalties for s in seqs):
-        return greedy_argmax(logits)
+        return greedy_argmax(logits) if argmax is None else argmax
     return sample(logits, sampling_metadata(seqs, logits.shape[-1], logits.device))
 
 
